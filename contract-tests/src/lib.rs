@@ -1,0 +1,1 @@
+//! Helpers for the contract tests: locating the Python venv and reading vectors.

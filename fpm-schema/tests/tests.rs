@@ -1,0 +1,128 @@
+//! Property tests: round trips for arbitrary messages, and no panic on arbitrary input.
+
+use fpm_schema::{
+    decode, encode, encode_into, fuzz_all_decoders, peek_key, Envelope, ForwardPassMetrics,
+    QueuedRequestMetrics, ScheduledRequestMetrics, FPM_TOPIC,
+};
+use proptest::prelude::*;
+
+fn any_f64() -> impl Strategy<Value = f64> {
+    prop_oneof![
+        any::<u64>().prop_map(f64::from_bits),
+        any::<f64>(),
+        Just(0.0),
+        Just(-0.0),
+        Just(f64::NAN),
+        Just(f64::INFINITY),
+        Just(f64::NEG_INFINITY),
+        Just(f64::MIN_POSITIVE),
+        Just(5e-324),
+    ]
+}
+
+fn any_i64() -> impl Strategy<Value = i64> {
+    prop_oneof![
+        any::<i64>(),
+        -300i64..70_000,
+        prop::sample::select(vec![
+            0,
+            127,
+            128,
+            255,
+            256,
+            65535,
+            65536,
+            u32::MAX as i64,
+            1 << 32,
+            i64::MAX,
+            i64::MIN,
+            -32,
+            -33,
+            -128,
+            -129,
+            -32768,
+            -32769,
+        ]),
+    ]
+}
+
+prop_compose! {
+    fn any_scheduled()(a in any_i64(), b in any_i64(), c in any_f64(), d in any_i64(),
+                       e in any_i64(), f in any_i64(), g in any_f64()) -> ScheduledRequestMetrics {
+        ScheduledRequestMetrics {
+            num_prefill_requests: a, sum_prefill_tokens: b, var_prefill_length: c,
+            sum_prefill_kv_tokens: d, num_decode_requests: e, sum_decode_kv_tokens: f,
+            var_decode_kv_tokens: g,
+        }
+    }
+}
+
+prop_compose! {
+    fn any_queued()(a in any_i64(), b in any_i64(), c in any_f64(), d in any_i64(),
+                    e in any_i64(), f in any_f64()) -> QueuedRequestMetrics {
+        QueuedRequestMetrics {
+            num_prefill_requests: a, sum_prefill_tokens: b, var_prefill_length: c,
+            num_decode_requests: d, sum_decode_kv_tokens: e, var_decode_kv_tokens: f,
+        }
+    }
+}
+
+prop_compose! {
+    fn any_message()(worker_id in "\\PC{0,300}", dp_rank in any_i64(), counter_id in any_i64(),
+                     wall_time in any_f64(), s in any_scheduled(), q in any_queued())
+                     -> ForwardPassMetrics {
+        ForwardPassMetrics {
+            version: 1, worker_id, dp_rank, counter_id, wall_time,
+            scheduled_requests: s, queued_requests: q,
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn encode_decode_round_trip(m in any_message()) {
+        let bytes = encode(&m);
+        let back = decode(&bytes).unwrap();
+        // Compare through the encoding so NaN payloads count as equal bit for bit.
+        prop_assert_eq!(encode(&back), bytes.clone());
+        let key = peek_key(&bytes).unwrap();
+        prop_assert_eq!(key.worker_id, m.worker_id.as_str());
+        prop_assert_eq!((key.dp_rank, key.counter_id, key.version), (m.dp_rank, m.counter_id, 1));
+        let mut reused = vec![0xff; 3];
+        encode_into(&m, &mut reused);
+        prop_assert_eq!(reused, bytes);
+    }
+
+    #[test]
+    fn envelope_round_trip(seq in any::<u64>(), pid in 0u64..(1 << 53), at in any::<u64>(),
+                           m in any_message()) {
+        let payload = encode(&m);
+        let env = Envelope { publisher_id: pid, sequence: seq, published_at: at,
+                             topic: FPM_TOPIC, payload: &payload };
+        let bytes = env.encode();
+        prop_assert_eq!(Envelope::decode(&bytes).unwrap(), env);
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic(data in prop::collection::vec(any::<u8>(), 0..2048)) {
+        fuzz_all_decoders(&data);
+    }
+
+    #[test]
+    fn mutated_messages_never_panic(m in any_message(), flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+                                    cut in any::<prop::sample::Index>()) {
+        let mut bytes = encode(&m);
+        for (i, b) in flips {
+            let i = i.index(bytes.len());
+            bytes[i] = b;
+        }
+        fuzz_all_decoders(&bytes);
+        let end = cut.index(bytes.len() + 1);
+        fuzz_all_decoders(&bytes[..end]);
+        let env = Envelope { publisher_id: 1, sequence: 2, published_at: 3, topic: FPM_TOPIC,
+                             payload: &bytes }.encode();
+        fuzz_all_decoders(&env);
+    }
+}
