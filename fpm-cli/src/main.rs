@@ -1,1 +1,17 @@
-fn main() {}
+//! The `fpm` command. Parses arguments and hands over to the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use fpm_cli::Cli;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match fpm_cli::run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fpm: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

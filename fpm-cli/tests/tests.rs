@@ -1,0 +1,104 @@
+//! End-to-end tests of the `fpm` binary.
+
+mod codec {
+    use std::io::Write;
+    use std::process::{Command, Output, Stdio};
+
+    fn fpm(args: &[&str], stdin: &[u8]) -> Output {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fpm"))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn fpm");
+        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    fn stderr(o: &Output) -> String {
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    }
+
+    #[test]
+    fn encode_then_decode_round_trips_in_field_order() {
+        let json = r#"{"worker_id":"w-ü","dp_rank":2,"counter_id":9,"wall_time":"NaN",
+                       "scheduled_requests":{"num_decode_requests":3,"var_decode_kv_tokens":2},
+                       "timing_scope":"ignored"}"#;
+        let enc = fpm(&["encode"], json.as_bytes());
+        assert!(enc.status.success(), "{}", stderr(&enc));
+        let m = fpm_schema::decode(&enc.stdout).unwrap();
+        assert_eq!(m.worker_id, "w-ü");
+        assert!(m.wall_time.is_nan());
+        assert_eq!(m.scheduled_requests.var_decode_kv_tokens, 2.0);
+
+        let dec = fpm(&["decode", "--compact"], &enc.stdout);
+        assert!(dec.status.success(), "{}", stderr(&dec));
+        let text = String::from_utf8(dec.stdout).unwrap();
+        assert!(
+            text.starts_with(r#"{"version":1,"worker_id":"w-ü","dp_rank":2,"counter_id":9,"wall_time":"NaN","scheduled_requests":{"num_prefill_requests":0"#),
+            "{text}"
+        );
+        // And back again, byte-identical.
+        let again = fpm(&["encode"], text.as_bytes());
+        assert_eq!(again.stdout, enc.stdout);
+    }
+
+    #[test]
+    fn envelope_is_auto_detected() {
+        let enc = fpm(
+            &["encode", "--envelope-publisher-id", "42", "--envelope-sequence", "7"],
+            b"{\"worker_id\":\"a\"}",
+        );
+        assert!(enc.status.success(), "{}", stderr(&enc));
+        let env = fpm_schema::Envelope::decode(&enc.stdout).unwrap();
+        assert_eq!((env.publisher_id, env.sequence), (42, 7));
+        let dec = fpm(&["decode", "--compact"], &enc.stdout);
+        let text = String::from_utf8(dec.stdout).unwrap();
+        assert!(text.starts_with(r#"{"publisher_id":42,"sequence":7,"#), "{text}");
+        assert!(text.contains(r#""payload":{"version":1,"worker_id":"a""#), "{text}");
+        // --payload reads it as a bare FPM map: every envelope key is unknown to the FPM
+        // schema, so (as with msgspec) it decodes to the default message, not worker "a".
+        let dec = fpm(&["decode", "--payload", "--compact"], &enc.stdout);
+        let text = String::from_utf8(dec.stdout).unwrap();
+        assert!(text.contains(r#""worker_id":"""#), "{text}");
+    }
+
+    #[test]
+    fn hex_in_and_out() {
+        let enc = fpm(&["encode", "--hex"], b"{}");
+        let text = String::from_utf8(enc.stdout.clone()).unwrap();
+        assert_eq!(text.trim().len(), 2 * fpm_schema::ENCODED_DEFAULT_LEN);
+        let dec = fpm(&["decode", "--hex", "--compact"], &enc.stdout);
+        assert!(dec.status.success(), "{}", stderr(&dec));
+    }
+
+    #[test]
+    fn bad_input_is_one_line_naming_the_field_exit_1() {
+        let cases: [(&[&str], &[u8], &str); 5] = [
+            (
+                &["encode"],
+                br#"{"queued_requests":{"sum_prefill_tokens":1.5}}"#,
+                "queued_requests.sum_prefill_tokens",
+            ),
+            (&["encode"], b"{\"dp_rank\": \"x\"}", "dp_rank"),
+            (&["decode"], b"\x81\xa7dp_rank\xcb\0\0\0\0\0\0\0\0", "dp_rank"),
+            (&["decode"], b"\x92\x01\x02", "expected map, found array"),
+            (&["decode", "--envelope"], b"\x80", "publisher_id"),
+        ];
+        for (args, input, needle) in cases {
+            let o = fpm(args, input);
+            assert_eq!(o.status.code(), Some(1), "{args:?}");
+            let err = stderr(&o);
+            assert_eq!(err.lines().count(), 1, "{err}");
+            assert!(err.contains(needle), "{err} should mention {needle}");
+        }
+    }
+
+    #[test]
+    fn missing_file_says_which() {
+        let o = fpm(&["decode", "/nonexistent/fpm.bin"], b"");
+        assert_eq!(o.status.code(), Some(1));
+        assert!(stderr(&o).contains("/nonexistent/fpm.bin"));
+    }
+}
