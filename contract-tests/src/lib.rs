@@ -1,1 +1,483 @@
-//! Helpers for the contract tests: locating the Python venv and reading vectors.
+//! Shared helpers of the contract tests: finding the Python venv with the real upstream
+//! modules, running the Python side (`python/fpmcontract.py`), reading and writing test
+//! vectors, and a seeded generator of messages for the Rust → Python direction.
+//!
+//! The vector format is documented in `python/README.md`: one JSON object per line with the
+//! payload as hex and the value with every float as `"f64:<16 hex digits>"` (exact bits).
+#![deny(missing_docs)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use fpm_schema::{ForwardPassMetrics, QueuedRequestMetrics, ScheduledRequestMetrics};
+use serde_json::{json, Map, Value};
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("contract-tests sits in the repo root")
+        .to_path_buf()
+}
+
+/// The venv's python, if the venv exists (created by `contract-tests/setup.sh`).
+///
+/// When it does not exist: panics if `FPM_REQUIRE_PYTHON=1` (CI), otherwise prints why the
+/// test is skipped and returns `None`.
+pub fn python() -> Option<PathBuf> {
+    let venv = std::env::var_os("FPM_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/fpm-venv"));
+    let py = venv.join("bin/python");
+    if py.exists() && venv.join(".fpm-setup-v1").exists() {
+        return Some(py);
+    }
+    if std::env::var("FPM_REQUIRE_PYTHON").as_deref() == Ok("1") {
+        panic!(
+            "FPM_REQUIRE_PYTHON=1 but no venv at {}: run contract-tests/setup.sh",
+            venv.display()
+        );
+    }
+    eprintln!(
+        "SKIPPED: no Python venv at {} (run contract-tests/setup.sh to run the live contract tests)",
+        venv.display()
+    );
+    None
+}
+
+/// Runs `fpmcontract.py` with `args`, feeding `stdin`; returns stdout. Panics with stderr on
+/// a non-zero exit unless `allow_failure`.
+pub fn run_contract(py: &Path, args: &[&str], stdin: &[u8], allow_failure: bool) -> (bool, String) {
+    let script = repo_root().join("contract-tests/python/fpmcontract.py");
+    let mut child = Command::new(py)
+        .arg(&script)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn python");
+    let mut sin = child.stdin.take().unwrap();
+    let input = stdin.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = sin.write_all(&input);
+    });
+    let out = child.wait_with_output().expect("python output");
+    writer.join().unwrap();
+    let stdout = String::from_utf8(out.stdout).expect("utf-8 stdout");
+    if !out.status.success() && !allow_failure {
+        panic!(
+            "fpmcontract.py {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+            out.status,
+            &stdout[..stdout.len().min(4000)],
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    (out.status.success(), stdout)
+}
+
+/// What a vector expects a decoder to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// Decodes to `value`.
+    Ok,
+    /// Fails to decode.
+    Error,
+    /// Decodes, but the version is not 1.
+    UnsupportedVersion,
+}
+
+/// One test vector.
+#[derive(Debug, Clone)]
+pub struct Vector {
+    /// Descriptive name.
+    pub name: String,
+    /// Who encoded it: `dynamo`, `sglang`, `rust` or `msgpack` (hand-built).
+    pub source: String,
+    /// The payload.
+    pub msgpack: Vec<u8>,
+    /// The expected outcome.
+    pub expect: Expect,
+    /// The value (for `Ok` and `UnsupportedVersion`).
+    pub value: Option<ForwardPassMetrics>,
+    /// The field an error is about, when known (`""` for whole-message errors).
+    pub error_field: Option<String>,
+}
+
+fn hex_decode(s: &str) -> Vec<u8> {
+    assert!(s.len() % 2 == 0, "odd hex");
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
+        .collect()
+}
+
+/// Lowercase hex of `b`.
+pub fn hex_encode(b: &[u8]) -> String {
+    let mut s = String::with_capacity(b.len() * 2);
+    for x in b {
+        s.push_str(&format!("{x:02x}"));
+    }
+    s
+}
+
+fn f64_of(v: &Value, path: &str) -> f64 {
+    let s = v
+        .as_str()
+        .and_then(|s| s.strip_prefix("f64:"))
+        .unwrap_or_else(|| panic!("{path}: float must be \"f64:<hex>\", got {v}"));
+    f64::from_bits(u64::from_str_radix(s, 16).unwrap_or_else(|_| panic!("{path}: bad hex {s}")))
+}
+
+fn f64_json(x: f64) -> Value {
+    Value::String(format!("f64:{:016x}", x.to_bits()))
+}
+
+fn i64_of(v: &Value, path: &str) -> i64 {
+    v.as_i64()
+        .unwrap_or_else(|| panic!("{path}: expected an i64, got {v}"))
+}
+
+/// Parses a VALUE object.
+pub fn value_from_json(v: &Value) -> ForwardPassMetrics {
+    let s = &v["scheduled_requests"];
+    let q = &v["queued_requests"];
+    ForwardPassMetrics {
+        version: i64_of(&v["version"], "version"),
+        worker_id: v["worker_id"].as_str().expect("worker_id str").to_owned(),
+        dp_rank: i64_of(&v["dp_rank"], "dp_rank"),
+        counter_id: i64_of(&v["counter_id"], "counter_id"),
+        wall_time: f64_of(&v["wall_time"], "wall_time"),
+        scheduled_requests: ScheduledRequestMetrics {
+            num_prefill_requests: i64_of(&s["num_prefill_requests"], "s.npr"),
+            sum_prefill_tokens: i64_of(&s["sum_prefill_tokens"], "s.spt"),
+            var_prefill_length: f64_of(&s["var_prefill_length"], "s.vpl"),
+            sum_prefill_kv_tokens: i64_of(&s["sum_prefill_kv_tokens"], "s.spkv"),
+            num_decode_requests: i64_of(&s["num_decode_requests"], "s.ndr"),
+            sum_decode_kv_tokens: i64_of(&s["sum_decode_kv_tokens"], "s.sdkv"),
+            var_decode_kv_tokens: f64_of(&s["var_decode_kv_tokens"], "s.vdkv"),
+        },
+        queued_requests: QueuedRequestMetrics {
+            num_prefill_requests: i64_of(&q["num_prefill_requests"], "q.npr"),
+            sum_prefill_tokens: i64_of(&q["sum_prefill_tokens"], "q.spt"),
+            var_prefill_length: f64_of(&q["var_prefill_length"], "q.vpl"),
+            num_decode_requests: i64_of(&q["num_decode_requests"], "q.ndr"),
+            sum_decode_kv_tokens: i64_of(&q["sum_decode_kv_tokens"], "q.sdkv"),
+            var_decode_kv_tokens: f64_of(&q["var_decode_kv_tokens"], "q.vdkv"),
+        },
+    }
+}
+
+/// Writes a VALUE object (keys in declaration order).
+pub fn value_to_json(m: &ForwardPassMetrics) -> Value {
+    let s = &m.scheduled_requests;
+    let q = &m.queued_requests;
+    let mut sched = Map::new();
+    sched.insert("num_prefill_requests".into(), json!(s.num_prefill_requests));
+    sched.insert("sum_prefill_tokens".into(), json!(s.sum_prefill_tokens));
+    sched.insert("var_prefill_length".into(), f64_json(s.var_prefill_length));
+    sched.insert(
+        "sum_prefill_kv_tokens".into(),
+        json!(s.sum_prefill_kv_tokens),
+    );
+    sched.insert("num_decode_requests".into(), json!(s.num_decode_requests));
+    sched.insert("sum_decode_kv_tokens".into(), json!(s.sum_decode_kv_tokens));
+    sched.insert(
+        "var_decode_kv_tokens".into(),
+        f64_json(s.var_decode_kv_tokens),
+    );
+    let mut queued = Map::new();
+    queued.insert("num_prefill_requests".into(), json!(q.num_prefill_requests));
+    queued.insert("sum_prefill_tokens".into(), json!(q.sum_prefill_tokens));
+    queued.insert("var_prefill_length".into(), f64_json(q.var_prefill_length));
+    queued.insert("num_decode_requests".into(), json!(q.num_decode_requests));
+    queued.insert("sum_decode_kv_tokens".into(), json!(q.sum_decode_kv_tokens));
+    queued.insert(
+        "var_decode_kv_tokens".into(),
+        f64_json(q.var_decode_kv_tokens),
+    );
+    let mut top = Map::new();
+    top.insert("version".into(), json!(m.version));
+    top.insert("worker_id".into(), json!(m.worker_id));
+    top.insert("dp_rank".into(), json!(m.dp_rank));
+    top.insert("counter_id".into(), json!(m.counter_id));
+    top.insert("wall_time".into(), f64_json(m.wall_time));
+    top.insert("scheduled_requests".into(), Value::Object(sched));
+    top.insert("queued_requests".into(), Value::Object(queued));
+    Value::Object(top)
+}
+
+/// Parses one vector line.
+pub fn parse_vector(line: &str) -> Vector {
+    let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("bad vector {e}: {line}"));
+    let expect = match v["expect"].as_str() {
+        Some("ok") => Expect::Ok,
+        Some("error") => Expect::Error,
+        Some("unsupported_version") => Expect::UnsupportedVersion,
+        other => panic!("bad expect {other:?}"),
+    };
+    Vector {
+        name: v["name"].as_str().unwrap_or("?").to_owned(),
+        source: v["source"].as_str().unwrap_or("?").to_owned(),
+        msgpack: hex_decode(v["msgpack"].as_str().expect("msgpack hex")),
+        expect,
+        value: match &v["value"] {
+            Value::Null => None,
+            val => Some(value_from_json(val)),
+        },
+        error_field: v
+            .get("error_field")
+            .and_then(|f| f.as_str())
+            .map(str::to_owned),
+    }
+}
+
+/// Parses every non-empty line.
+pub fn parse_vectors(text: &str) -> Vec<Vector> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(parse_vector)
+        .collect()
+}
+
+/// A vector line for a message encoded by Rust.
+pub fn rust_vector_line(name: &str, m: &ForwardPassMetrics) -> String {
+    json!({
+        "name": name,
+        "source": "rust",
+        "msgpack": hex_encode(&fpm_schema::encode(m)),
+        "expect": "ok",
+        "value": value_to_json(m),
+    })
+    .to_string()
+}
+
+/// Bitwise equality (floats compared by bits, so NaN equals the same NaN).
+pub fn same(a: &ForwardPassMetrics, b: &ForwardPassMetrics) -> bool {
+    let (sa, sb, qa, qb) = (
+        &a.scheduled_requests,
+        &b.scheduled_requests,
+        &a.queued_requests,
+        &b.queued_requests,
+    );
+    a.version == b.version
+        && a.worker_id == b.worker_id
+        && a.dp_rank == b.dp_rank
+        && a.counter_id == b.counter_id
+        && a.wall_time.to_bits() == b.wall_time.to_bits()
+        && sa.num_prefill_requests == sb.num_prefill_requests
+        && sa.sum_prefill_tokens == sb.sum_prefill_tokens
+        && sa.var_prefill_length.to_bits() == sb.var_prefill_length.to_bits()
+        && sa.sum_prefill_kv_tokens == sb.sum_prefill_kv_tokens
+        && sa.num_decode_requests == sb.num_decode_requests
+        && sa.sum_decode_kv_tokens == sb.sum_decode_kv_tokens
+        && sa.var_decode_kv_tokens.to_bits() == sb.var_decode_kv_tokens.to_bits()
+        && qa.num_prefill_requests == qb.num_prefill_requests
+        && qa.sum_prefill_tokens == qb.sum_prefill_tokens
+        && qa.var_prefill_length.to_bits() == qb.var_prefill_length.to_bits()
+        && qa.num_decode_requests == qb.num_decode_requests
+        && qa.sum_decode_kv_tokens == qb.sum_decode_kv_tokens
+        && qa.var_decode_kv_tokens.to_bits() == qb.var_decode_kv_tokens.to_bits()
+}
+
+/// SplitMix64: a tiny seeded generator, so the Rust → Python vectors are reproducible from
+/// the printed seed without a `rand` dependency.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator from `seed`.
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+}
+
+/// Every int-size boundary of msgpack, both signs.
+pub const INT_BOUNDARIES: [i64; 21] = [
+    0,
+    1,
+    127,
+    128,
+    255,
+    256,
+    65535,
+    65536,
+    u32::MAX as i64,
+    1 << 32,
+    i64::MAX,
+    -1,
+    -32,
+    -33,
+    -128,
+    -129,
+    -32768,
+    -32769,
+    i32::MIN as i64,
+    i32::MIN as i64 - 1,
+    i64::MIN,
+];
+
+/// Float edge cases.
+pub const FLOAT_EDGES: [f64; 13] = [
+    0.0,
+    -0.0,
+    f64::NAN,
+    f64::INFINITY,
+    f64::NEG_INFINITY,
+    5e-324,
+    f64::MIN_POSITIVE,
+    f64::MAX,
+    f64::MIN,
+    1e-300,
+    1e300,
+    0.1,
+    1.0 / 3.0,
+];
+
+fn rand_i64(r: &mut Rng) -> i64 {
+    match r.below(4) {
+        0 => r.below(200) as i64 - 40,
+        1 => {
+            let b = INT_BOUNDARIES[r.below(INT_BOUNDARIES.len() as u64) as usize];
+            b.saturating_add(r.below(5) as i64 - 2)
+        }
+        2 => r.below(1 << 20) as i64,
+        _ => r.next_u64() as i64,
+    }
+}
+
+fn rand_f64(r: &mut Rng) -> f64 {
+    match r.below(4) {
+        0 => f64::from_bits(r.next_u64()),
+        1 => FLOAT_EDGES[r.below(FLOAT_EDGES.len() as u64) as usize],
+        2 => (r.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 1e6,
+        _ => r.below(100_000) as f64 / 64.0,
+    }
+}
+
+fn rand_string(r: &mut Rng) -> String {
+    const POOL: [char; 12] = [
+        'a', 'Z', '0', '-', '_', ' ', 'é', 'ß', '中', '文', '🚀', '\u{301}',
+    ];
+    let len = match r.below(4) {
+        0 => 0,
+        1 => r.below(32),
+        2 => r.below(300),
+        _ => 20,
+    };
+    (0..len)
+        .map(|_| POOL[r.below(POOL.len() as u64) as usize])
+        .collect()
+}
+
+/// A random version-1 message.
+pub fn random_message(r: &mut Rng) -> ForwardPassMetrics {
+    ForwardPassMetrics {
+        version: 1,
+        worker_id: rand_string(r),
+        dp_rank: rand_i64(r),
+        counter_id: rand_i64(r),
+        wall_time: rand_f64(r),
+        scheduled_requests: ScheduledRequestMetrics {
+            num_prefill_requests: rand_i64(r),
+            sum_prefill_tokens: rand_i64(r),
+            var_prefill_length: rand_f64(r),
+            sum_prefill_kv_tokens: rand_i64(r),
+            num_decode_requests: rand_i64(r),
+            sum_decode_kv_tokens: rand_i64(r),
+            var_decode_kv_tokens: rand_f64(r),
+        },
+        queued_requests: QueuedRequestMetrics {
+            num_prefill_requests: rand_i64(r),
+            sum_prefill_tokens: rand_i64(r),
+            var_prefill_length: rand_f64(r),
+            num_decode_requests: rand_i64(r),
+            sum_decode_kv_tokens: rand_i64(r),
+            var_decode_kv_tokens: rand_f64(r),
+        },
+    }
+}
+
+fn set_int(m: &mut ForwardPassMetrics, field: usize, v: i64) {
+    let (s, q) = (&mut m.scheduled_requests, &mut m.queued_requests);
+    match field {
+        0 => m.dp_rank = v,
+        1 => m.counter_id = v,
+        2 => s.num_prefill_requests = v,
+        3 => s.sum_prefill_tokens = v,
+        4 => s.sum_prefill_kv_tokens = v,
+        5 => s.num_decode_requests = v,
+        6 => s.sum_decode_kv_tokens = v,
+        7 => q.num_prefill_requests = v,
+        8 => q.sum_prefill_tokens = v,
+        9 => q.num_decode_requests = v,
+        _ => q.sum_decode_kv_tokens = v,
+    }
+}
+
+fn set_float(m: &mut ForwardPassMetrics, field: usize, v: f64) {
+    match field {
+        0 => m.wall_time = v,
+        1 => m.scheduled_requests.var_prefill_length = v,
+        2 => m.scheduled_requests.var_decode_kv_tokens = v,
+        3 => m.queued_requests.var_prefill_length = v,
+        _ => m.queued_requests.var_decode_kv_tokens = v,
+    }
+}
+
+/// The boundary cases: every int boundary in every int field, every float edge in every
+/// float field, and worker ids of every string-size boundary, non-ASCII included.
+pub fn boundary_messages() -> Vec<(String, ForwardPassMetrics)> {
+    let mut out = Vec::new();
+    for field in 0..11 {
+        for &b in &INT_BOUNDARIES {
+            let mut m = ForwardPassMetrics::default();
+            set_int(&mut m, field, b);
+            out.push((format!("int-field{field}-{b}"), m));
+        }
+    }
+    for field in 0..5 {
+        for &f in &FLOAT_EDGES {
+            let mut m = ForwardPassMetrics::default();
+            set_float(&mut m, field, f);
+            out.push((format!("float-field{field}-{f:e}"), m));
+        }
+    }
+    for len in [0usize, 1, 31, 32, 255, 256, 1000, 65535 - 500] {
+        let m = ForwardPassMetrics {
+            worker_id: "w".repeat(len),
+            ..Default::default()
+        };
+        out.push((format!("worker-id-len-{len}"), m));
+    }
+    for s in [
+        "中文工作者",
+        "🚀-worker-ü",
+        "e\u{301}",
+        "ünïcödé".repeat(40).as_str(),
+    ] {
+        out.push((
+            format!("worker-id-{}", s.chars().take(8).collect::<String>()),
+            ForwardPassMetrics {
+                worker_id: s.to_owned(),
+                ..Default::default()
+            },
+        ));
+    }
+    out
+}

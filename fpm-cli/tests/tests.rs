@@ -47,7 +47,13 @@ mod codec {
     #[test]
     fn envelope_is_auto_detected() {
         let enc = fpm(
-            &["encode", "--envelope-publisher-id", "42", "--envelope-sequence", "7"],
+            &[
+                "encode",
+                "--envelope-publisher-id",
+                "42",
+                "--envelope-sequence",
+                "7",
+            ],
             b"{\"worker_id\":\"a\"}",
         );
         assert!(enc.status.success(), "{}", stderr(&enc));
@@ -55,8 +61,14 @@ mod codec {
         assert_eq!((env.publisher_id, env.sequence), (42, 7));
         let dec = fpm(&["decode", "--compact"], &enc.stdout);
         let text = String::from_utf8(dec.stdout).unwrap();
-        assert!(text.starts_with(r#"{"publisher_id":42,"sequence":7,"#), "{text}");
-        assert!(text.contains(r#""payload":{"version":1,"worker_id":"a""#), "{text}");
+        assert!(
+            text.starts_with(r#"{"publisher_id":42,"sequence":7,"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#""payload":{"version":1,"worker_id":"a""#),
+            "{text}"
+        );
         // --payload reads it as a bare FPM map: every envelope key is unknown to the FPM
         // schema, so (as with msgspec) it decodes to the default message, not worker "a".
         let dec = fpm(&["decode", "--payload", "--compact"], &enc.stdout);
@@ -82,7 +94,11 @@ mod codec {
                 "queued_requests.sum_prefill_tokens",
             ),
             (&["encode"], b"{\"dp_rank\": \"x\"}", "dp_rank"),
-            (&["decode"], b"\x81\xa7dp_rank\xcb\0\0\0\0\0\0\0\0", "dp_rank"),
+            (
+                &["decode"],
+                b"\x81\xa7dp_rank\xcb\0\0\0\0\0\0\0\0",
+                "dp_rank",
+            ),
             (&["decode"], b"\x92\x01\x02", "expected map, found array"),
             (&["decode", "--envelope"], b"\x80", "publisher_id"),
         ];
