@@ -1,1 +1,181 @@
-fn main() {}
+//! Codec benchmarks: encode, decode, key peek, envelope wrap/unwrap, one group per payload
+//! shape. At the end, msgspec's own encode/decode of the same message is timed by the contract
+//! venv in this same run and compared with ours, timed the same way (best of 5 loops).
+//!
+//! `cargo bench -p fpm-schema --bench codec` (set `FPM_BENCH_SKIP_PEER=1` to skip msgspec).
+
+use std::hint::black_box;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use criterion::{BenchmarkId, Criterion, Throughput};
+use fpm_schema::{
+    decode, encode, encode_into, peek_key, Decoder, Envelope, ForwardPassMetrics,
+    QueuedRequestMetrics, ScheduledRequestMetrics, FPM_TOPIC,
+};
+
+/// The message `fpmcontract.py bench` times (446 bytes), so the ratio compares like with like.
+fn representative() -> ForwardPassMetrics {
+    ForwardPassMetrics {
+        version: 1,
+        worker_id: "worker-0123456789abcdef".into(),
+        dp_rank: 3,
+        counter_id: 123456,
+        wall_time: 0.0123,
+        scheduled_requests: ScheduledRequestMetrics {
+            num_prefill_requests: 4,
+            sum_prefill_tokens: 8192,
+            var_prefill_length: 1234.5,
+            sum_prefill_kv_tokens: 2048,
+            num_decode_requests: 120,
+            sum_decode_kv_tokens: 250000,
+            var_decode_kv_tokens: 98765.4321,
+        },
+        queued_requests: QueuedRequestMetrics {
+            num_prefill_requests: 7,
+            sum_prefill_tokens: 14000,
+            var_prefill_length: 555.5,
+            num_decode_requests: 2,
+            sum_decode_kv_tokens: 9000,
+            var_decode_kv_tokens: 10.25,
+        },
+    }
+}
+
+fn shapes() -> Vec<(&'static str, ForwardPassMetrics)> {
+    vec![
+        ("heartbeat", ForwardPassMetrics::heartbeat("worker-1", 0)),
+        ("representative", representative()),
+        (
+            "long_worker_id",
+            ForwardPassMetrics {
+                worker_id: "w".repeat(300),
+                ..representative()
+            },
+        ),
+    ]
+}
+
+fn bench_codec(c: &mut Criterion) {
+    for (name, m) in shapes() {
+        let bytes = encode(&m);
+        let mut g = c.benchmark_group(name);
+        g.throughput(Throughput::Bytes(bytes.len() as u64));
+        let mut buf = Vec::with_capacity(1024);
+        g.bench_function(BenchmarkId::new("encode_into", bytes.len()), |b| {
+            b.iter(|| encode_into(black_box(&m), &mut buf))
+        });
+        g.bench_function("decode", |b| b.iter(|| decode(black_box(&bytes)).unwrap()));
+        let mut out = ForwardPassMetrics::default();
+        g.bench_function("decode_into", |b| {
+            b.iter(|| Decoder::new().decode_into(black_box(&bytes), &mut out).unwrap())
+        });
+        g.bench_function("peek_key", |b| b.iter(|| peek_key(black_box(&bytes)).unwrap()));
+        let mut env_buf = Vec::with_capacity(1024);
+        g.bench_function("envelope_wrap", |b| {
+            b.iter(|| {
+                Envelope {
+                    publisher_id: 123_456_789,
+                    sequence: 42,
+                    published_at: 1_764_000_000_000,
+                    topic: FPM_TOPIC,
+                    payload: black_box(&bytes),
+                }
+                .encode_into(&mut env_buf)
+            })
+        });
+        let wrapped = Envelope {
+            publisher_id: 123_456_789,
+            sequence: 42,
+            published_at: 1_764_000_000_000,
+            topic: FPM_TOPIC,
+            payload: &bytes,
+        }
+        .encode();
+        g.bench_function("envelope_unwrap", |b| {
+            b.iter(|| Envelope::decode(black_box(&wrapped)).unwrap())
+        });
+        g.finish();
+    }
+}
+
+/// Per-op nanoseconds, best of `repeats` loops of `iterations`: the same method the Python
+/// side uses for msgspec.
+fn best_of(iterations: u32, repeats: u32, mut f: impl FnMut()) -> f64 {
+    (0..repeats)
+        .map(|_| {
+            let t = Instant::now();
+            for _ in 0..iterations {
+                f();
+            }
+            t.elapsed().as_nanos() as f64 / iterations as f64
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+fn compare_with_msgspec() {
+    if std::env::var("FPM_BENCH_SKIP_PEER").as_deref() == Ok("1") {
+        return;
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let venv = std::env::var_os("FPM_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target/fpm-venv"));
+    let py = venv.join("bin/python");
+    if !py.exists() {
+        println!("msgspec comparison skipped: no venv (run contract-tests/setup.sh)");
+        return;
+    }
+    let iterations = 200_000;
+    let out = Command::new(&py)
+        .arg(root.join("contract-tests/python/fpmcontract.py"))
+        .args(["bench", "--module", "dynamo", "--iterations", &iterations.to_string()])
+        .output()
+        .expect("run python bench");
+    if !out.status.success() {
+        println!(
+            "msgspec comparison failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |k: &str| -> f64 {
+        let at = text.find(&format!("\"{k}\": ")).expect(k) + k.len() + 4;
+        text[at..]
+            .split([',', '}'])
+            .next()
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let (py_enc, py_dec, py_bytes) = (field("encode_ns"), field("decode_ns"), field("bytes"));
+    let m = representative();
+    let bytes = encode(&m);
+    assert_eq!(bytes.len() as f64, py_bytes, "bench messages differ");
+    let mut buf = Vec::with_capacity(1024);
+    let rs_enc = best_of(iterations, 5, || encode_into(black_box(&m), &mut buf));
+    let rs_dec = best_of(iterations, 5, || {
+        black_box(decode(black_box(&bytes)).unwrap());
+    });
+    let mut reused = ForwardPassMetrics::default();
+    let rs_dec_into = best_of(iterations, 5, || {
+        Decoder::new()
+            .decode_into(black_box(&bytes), &mut reused)
+            .unwrap();
+    });
+    println!();
+    println!("same-run comparison with msgspec 0.22 (dynamo module), {} B message, best of 5 x {iterations}:", bytes.len());
+    println!("  encode: fpm-schema {rs_enc:7.1} ns  msgspec {py_enc:7.1} ns  ratio {:5.1}x  (target >= 5x)", py_enc / rs_enc);
+    println!("  decode: fpm-schema {rs_dec:7.1} ns  msgspec {py_dec:7.1} ns  ratio {:5.1}x  (target >= 5x; owned result, allocates the worker id)", py_dec / rs_dec);
+    println!("  decode_into:       {rs_dec_into:7.1} ns  msgspec {py_dec:7.1} ns  ratio {:5.1}x  (reused output)", py_dec / rs_dec_into);
+}
+
+fn main() {
+    let mut c = Criterion::default().configure_from_args();
+    bench_codec(&mut c);
+    c.final_summary();
+    compare_with_msgspec();
+}

@@ -4,7 +4,7 @@ use crate::error::DecodeError;
 use crate::metrics::{
     ForwardPassMetrics, QueuedRequestMetrics, ScheduledRequestMetrics, FPM_VERSION,
 };
-use crate::msgpack::{key, write_f64, write_i64, write_str, Reader};
+use crate::msgpack::{key, Reader, SliceWriter};
 
 /// Default size limit for one payload: 64 KiB. A default message is 407 bytes plus the
 /// worker id, so anything near this is not FPM.
@@ -20,66 +20,65 @@ const QUEUED: &str = "queued_requests";
 /// Encodes `m` exactly as msgspec does: a map keyed by field name, fields in declaration order,
 /// smallest int and str forms, every float as float64.
 pub fn encode(m: &ForwardPassMetrics) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(ENCODED_DEFAULT_LEN + 32 + m.worker_id.len());
+    let mut buf = Vec::new();
     encode_into(m, &mut buf);
     buf
 }
 
+/// The most bytes a message can take besides its worker id: the default layout with every
+/// int at its widest (9 bytes instead of 1) and the widest string header (5 instead of 1).
+const MAX_LEN_WITHOUT_WORKER_ID: usize = ENCODED_DEFAULT_LEN + 12 * 8 + 4;
+
 /// Like [`encode`], into `buf`, which is cleared first; reusing one buffer avoids allocating.
 pub fn encode_into(m: &ForwardPassMetrics, buf: &mut Vec<u8>) {
     buf.clear();
-    buf.reserve(ENCODED_DEFAULT_LEN + 32 + m.worker_id.len());
-    buf.push(0x87);
-    buf.extend_from_slice(key!("version"));
-    write_i64(buf, m.version);
-    buf.extend_from_slice(key!("worker_id"));
-    write_str(buf, &m.worker_id);
-    buf.extend_from_slice(key!("dp_rank"));
-    write_i64(buf, m.dp_rank);
-    buf.extend_from_slice(key!("counter_id"));
-    write_i64(buf, m.counter_id);
-    buf.extend_from_slice(key!("wall_time"));
-    write_f64(buf, m.wall_time);
-    buf.extend_from_slice(key!("scheduled_requests"));
-    encode_scheduled(&m.scheduled_requests, buf);
-    buf.extend_from_slice(key!("queued_requests"));
-    encode_queued(&m.queued_requests, buf);
-}
-
-#[inline]
-fn encode_scheduled(s: &ScheduledRequestMetrics, buf: &mut Vec<u8>) {
-    buf.push(0x87);
-    buf.extend_from_slice(key!("num_prefill_requests"));
-    write_i64(buf, s.num_prefill_requests);
-    buf.extend_from_slice(key!("sum_prefill_tokens"));
-    write_i64(buf, s.sum_prefill_tokens);
-    buf.extend_from_slice(key!("var_prefill_length"));
-    write_f64(buf, s.var_prefill_length);
-    buf.extend_from_slice(key!("sum_prefill_kv_tokens"));
-    write_i64(buf, s.sum_prefill_kv_tokens);
-    buf.extend_from_slice(key!("num_decode_requests"));
-    write_i64(buf, s.num_decode_requests);
-    buf.extend_from_slice(key!("sum_decode_kv_tokens"));
-    write_i64(buf, s.sum_decode_kv_tokens);
-    buf.extend_from_slice(key!("var_decode_kv_tokens"));
-    write_f64(buf, s.var_decode_kv_tokens);
-}
-
-#[inline]
-fn encode_queued(q: &QueuedRequestMetrics, buf: &mut Vec<u8>) {
-    buf.push(0x86);
-    buf.extend_from_slice(key!("num_prefill_requests"));
-    write_i64(buf, q.num_prefill_requests);
-    buf.extend_from_slice(key!("sum_prefill_tokens"));
-    write_i64(buf, q.sum_prefill_tokens);
-    buf.extend_from_slice(key!("var_prefill_length"));
-    write_f64(buf, q.var_prefill_length);
-    buf.extend_from_slice(key!("num_decode_requests"));
-    write_i64(buf, q.num_decode_requests);
-    buf.extend_from_slice(key!("sum_decode_kv_tokens"));
-    write_i64(buf, q.sum_decode_kv_tokens);
-    buf.extend_from_slice(key!("var_decode_kv_tokens"));
-    write_f64(buf, q.var_decode_kv_tokens);
+    buf.resize(MAX_LEN_WITHOUT_WORKER_ID + m.worker_id.len(), 0);
+    let mut w = SliceWriter::new(buf);
+    w.put(&[0x87]);
+    w.put(key!("version"));
+    w.i64(m.version);
+    w.put(key!("worker_id"));
+    w.str(&m.worker_id);
+    w.put(key!("dp_rank"));
+    w.i64(m.dp_rank);
+    w.put(key!("counter_id"));
+    w.i64(m.counter_id);
+    w.put(key!("wall_time"));
+    w.f64(m.wall_time);
+    w.put(key!("scheduled_requests"));
+    let s = &m.scheduled_requests;
+    w.put(&[0x87]);
+    w.put(key!("num_prefill_requests"));
+    w.i64(s.num_prefill_requests);
+    w.put(key!("sum_prefill_tokens"));
+    w.i64(s.sum_prefill_tokens);
+    w.put(key!("var_prefill_length"));
+    w.f64(s.var_prefill_length);
+    w.put(key!("sum_prefill_kv_tokens"));
+    w.i64(s.sum_prefill_kv_tokens);
+    w.put(key!("num_decode_requests"));
+    w.i64(s.num_decode_requests);
+    w.put(key!("sum_decode_kv_tokens"));
+    w.i64(s.sum_decode_kv_tokens);
+    w.put(key!("var_decode_kv_tokens"));
+    w.f64(s.var_decode_kv_tokens);
+    w.put(key!("queued_requests"));
+    let q = &m.queued_requests;
+    w.put(&[0x86]);
+    w.put(key!("num_prefill_requests"));
+    w.i64(q.num_prefill_requests);
+    w.put(key!("sum_prefill_tokens"));
+    w.i64(q.sum_prefill_tokens);
+    w.put(key!("var_prefill_length"));
+    w.f64(q.var_prefill_length);
+    w.put(key!("num_decode_requests"));
+    w.i64(q.num_decode_requests);
+    w.put(key!("sum_decode_kv_tokens"));
+    w.i64(q.sum_decode_kv_tokens);
+    w.put(key!("var_decode_kv_tokens"));
+    w.f64(q.var_decode_kv_tokens);
+    let len = w.len();
+    buf.truncate(len);
 }
 
 /// Decodes with the default [`Decoder`] (64 KiB limit).
@@ -195,6 +194,9 @@ impl Decoder {
         out: &mut ForwardPassMetrics,
     ) -> Result<(), DecodeError> {
         self.check_size(bytes)?;
+        if decode_canonical(bytes, out).is_some() {
+            return check_version(out.version);
+        }
         let mut r = Reader::new(bytes);
         out.version = FPM_VERSION;
         out.worker_id.clear();
@@ -204,31 +206,30 @@ impl Decoder {
         out.scheduled_requests = ScheduledRequestMetrics::default();
         out.queued_requests = QueuedRequestMetrics::default();
         let n = r.read_map_len(ROOT)?;
+        let mut next = 0;
         for _ in 0..n {
-            match r.read_key(ROOT)? {
-                b"version" => out.version = r.read_i64("version")?,
-                b"worker_id" => {
+            let Some(field) = top_field(&mut r, next)? else {
+                continue;
+            };
+            match field {
+                0 => out.version = r.read_i64("version")?,
+                1 => {
                     let s = r.read_str("worker_id")?;
                     out.worker_id.clear();
                     out.worker_id.push_str(s);
                 }
-                b"dp_rank" => out.dp_rank = r.read_i64("dp_rank")?,
-                b"counter_id" => out.counter_id = r.read_i64("counter_id")?,
-                b"wall_time" => out.wall_time = r.read_f64("wall_time")?,
-                b"scheduled_requests" => out.scheduled_requests = decode_scheduled(&mut r)?,
-                b"queued_requests" => out.queued_requests = decode_queued(&mut r)?,
-                _ => r.skip_value(ROOT)?,
+                2 => out.dp_rank = r.read_i64("dp_rank")?,
+                3 => out.counter_id = r.read_i64("counter_id")?,
+                4 => out.wall_time = r.read_f64("wall_time")?,
+                5 => out.scheduled_requests = decode_scheduled(&mut r)?,
+                _ => out.queued_requests = decode_queued(&mut r)?,
             }
+            next = field + 1;
         }
         if !r.is_empty() {
             return Err(DecodeError::TrailingBytes { offset: r.pos() });
         }
-        if out.version != FPM_VERSION {
-            return Err(DecodeError::UnsupportedVersion {
-                version: out.version,
-            });
-        }
-        Ok(())
+        check_version(out.version)
     }
 
     /// Reads `(worker_id, dp_rank, counter_id, version)` without decoding the rest: other
@@ -248,31 +249,25 @@ impl Decoder {
             counter_id: 0,
             version: FPM_VERSION,
         };
-        let mut seen = 0u8;
+        let mut seen = 0u32;
         let n = r.read_map_len(ROOT)?;
+        let mut next = 0;
         for _ in 0..n {
-            match r.read_key(ROOT)? {
-                b"version" => {
-                    key.version = r.read_i64("version")?;
-                    seen |= 1;
-                }
-                b"worker_id" => {
-                    key.worker_id = r.read_str("worker_id")?;
-                    seen |= 2;
-                }
-                b"dp_rank" => {
-                    key.dp_rank = r.read_i64("dp_rank")?;
-                    seen |= 4;
-                }
-                b"counter_id" => {
-                    key.counter_id = r.read_i64("counter_id")?;
-                    seen |= 8;
-                }
+            let Some(field) = top_field(&mut r, next)? else {
+                continue;
+            };
+            match field {
+                0 => key.version = r.read_i64("version")?,
+                1 => key.worker_id = r.read_str("worker_id")?,
+                2 => key.dp_rank = r.read_i64("dp_rank")?,
+                3 => key.counter_id = r.read_i64("counter_id")?,
                 _ => r.skip_value(ROOT)?,
             }
-            if seen == 0b1111 {
+            seen |= 1 << field;
+            if seen & 0b1111 == 0b1111 {
                 return Ok(key);
             }
+            next = field + 1;
         }
         if !r.is_empty() {
             return Err(DecodeError::TrailingBytes { offset: r.pos() });
@@ -281,34 +276,166 @@ impl Decoder {
     }
 }
 
+fn check_version(version: i64) -> Result<(), DecodeError> {
+    if version == FPM_VERSION {
+        Ok(())
+    } else {
+        Err(DecodeError::UnsupportedVersion { version })
+    }
+}
+
+/// The fast path: the exact layout msgspec writes (all keys, in declaration order, fixstr
+/// keys, nothing else), read straight through. Returns `None` at the first difference (an
+/// extra or missing key, another order, a bad value); the caller then runs the general
+/// decoder from the start, which accepts every valid layout and reports errors precisely.
+#[inline(always)]
+fn decode_canonical(bytes: &[u8], out: &mut ForwardPassMetrics) -> Option<()> {
+    let mut r = Reader::new(bytes);
+    if !r.eat(&[0x87]) || !r.eat(key!("version")) {
+        return None;
+    }
+    out.version = r.read_i64("").ok()?;
+    r.eat(key!("worker_id")).then_some(())?;
+    let worker_id = r.read_str("").ok()?;
+    r.eat(key!("dp_rank")).then_some(())?;
+    let dp_rank = r.read_i64("").ok()?;
+    r.eat(key!("counter_id")).then_some(())?;
+    let counter_id = r.read_i64("").ok()?;
+    r.eat(key!("wall_time")).then_some(())?;
+    let wall_time = r.read_f64("").ok()?;
+    r.eat(key!("scheduled_requests")).then_some(())?;
+    r.eat(&[0x87]).then_some(())?;
+    r.eat(key!("num_prefill_requests")).then_some(())?;
+    let s_npr = r.read_i64("").ok()?;
+    r.eat(key!("sum_prefill_tokens")).then_some(())?;
+    let s_spt = r.read_i64("").ok()?;
+    r.eat(key!("var_prefill_length")).then_some(())?;
+    let s_vpl = r.read_f64("").ok()?;
+    r.eat(key!("sum_prefill_kv_tokens")).then_some(())?;
+    let s_spkv = r.read_i64("").ok()?;
+    r.eat(key!("num_decode_requests")).then_some(())?;
+    let s_ndr = r.read_i64("").ok()?;
+    r.eat(key!("sum_decode_kv_tokens")).then_some(())?;
+    let s_sdkv = r.read_i64("").ok()?;
+    r.eat(key!("var_decode_kv_tokens")).then_some(())?;
+    let s_vdkv = r.read_f64("").ok()?;
+    r.eat(key!("queued_requests")).then_some(())?;
+    r.eat(&[0x86]).then_some(())?;
+    r.eat(key!("num_prefill_requests")).then_some(())?;
+    let q_npr = r.read_i64("").ok()?;
+    r.eat(key!("sum_prefill_tokens")).then_some(())?;
+    let q_spt = r.read_i64("").ok()?;
+    r.eat(key!("var_prefill_length")).then_some(())?;
+    let q_vpl = r.read_f64("").ok()?;
+    r.eat(key!("num_decode_requests")).then_some(())?;
+    let q_ndr = r.read_i64("").ok()?;
+    r.eat(key!("sum_decode_kv_tokens")).then_some(())?;
+    let q_sdkv = r.read_i64("").ok()?;
+    r.eat(key!("var_decode_kv_tokens")).then_some(())?;
+    let q_vdkv = r.read_f64("").ok()?;
+    if !r.is_empty() {
+        return None;
+    }
+    out.worker_id.clear();
+    out.worker_id.push_str(worker_id);
+    out.dp_rank = dp_rank;
+    out.counter_id = counter_id;
+    out.wall_time = wall_time;
+    out.scheduled_requests = ScheduledRequestMetrics {
+        num_prefill_requests: s_npr,
+        sum_prefill_tokens: s_spt,
+        var_prefill_length: s_vpl,
+        sum_prefill_kv_tokens: s_spkv,
+        num_decode_requests: s_ndr,
+        sum_decode_kv_tokens: s_sdkv,
+        var_decode_kv_tokens: s_vdkv,
+    };
+    out.queued_requests = QueuedRequestMetrics {
+        num_prefill_requests: q_npr,
+        sum_prefill_tokens: q_spt,
+        var_prefill_length: q_vpl,
+        num_decode_requests: q_ndr,
+        sum_decode_kv_tokens: q_sdkv,
+        var_decode_kv_tokens: q_vdkv,
+    };
+    Some(())
+}
+
+/// Reads the next key of the top-level map and returns the field's index in declaration
+/// order, or `None` after skipping the value of an unknown key. Tries the key expected next
+/// first (`next`), which is a fixed-length comparison when keys come in the usual order.
+#[inline(always)]
+fn top_field(r: &mut Reader<'_>, next: usize) -> Result<Option<usize>, DecodeError> {
+    let fast = match next {
+        0 => r.eat(key!("version")),
+        1 => r.eat(key!("worker_id")),
+        2 => r.eat(key!("dp_rank")),
+        3 => r.eat(key!("counter_id")),
+        4 => r.eat(key!("wall_time")),
+        5 => r.eat(key!("scheduled_requests")),
+        6 => r.eat(key!("queued_requests")),
+        _ => false,
+    };
+    if fast {
+        return Ok(Some(next));
+    }
+    Ok(Some(match r.read_key(ROOT)? {
+        b"version" => 0,
+        b"worker_id" => 1,
+        b"dp_rank" => 2,
+        b"counter_id" => 3,
+        b"wall_time" => 4,
+        b"scheduled_requests" => 5,
+        b"queued_requests" => 6,
+        _ => {
+            r.skip_value(ROOT)?;
+            return Ok(None);
+        }
+    }))
+}
+
 fn decode_scheduled(r: &mut Reader<'_>) -> Result<ScheduledRequestMetrics, DecodeError> {
     let mut s = ScheduledRequestMetrics::default();
     let n = r.read_map_len(SCHED)?;
+    let mut next = 0;
     for _ in 0..n {
-        match r.read_key(SCHED)? {
-            b"num_prefill_requests" => {
-                s.num_prefill_requests = r.read_i64("scheduled_requests.num_prefill_requests")?
+        let fast = match next {
+            0 => r.eat(key!("num_prefill_requests")),
+            1 => r.eat(key!("sum_prefill_tokens")),
+            2 => r.eat(key!("var_prefill_length")),
+            3 => r.eat(key!("sum_prefill_kv_tokens")),
+            4 => r.eat(key!("num_decode_requests")),
+            5 => r.eat(key!("sum_decode_kv_tokens")),
+            6 => r.eat(key!("var_decode_kv_tokens")),
+            _ => false,
+        };
+        let field = if fast {
+            next
+        } else {
+            match r.read_key(SCHED)? {
+                b"num_prefill_requests" => 0,
+                b"sum_prefill_tokens" => 1,
+                b"var_prefill_length" => 2,
+                b"sum_prefill_kv_tokens" => 3,
+                b"num_decode_requests" => 4,
+                b"sum_decode_kv_tokens" => 5,
+                b"var_decode_kv_tokens" => 6,
+                _ => {
+                    r.skip_value(SCHED)?;
+                    continue;
+                }
             }
-            b"sum_prefill_tokens" => {
-                s.sum_prefill_tokens = r.read_i64("scheduled_requests.sum_prefill_tokens")?
-            }
-            b"var_prefill_length" => {
-                s.var_prefill_length = r.read_f64("scheduled_requests.var_prefill_length")?
-            }
-            b"sum_prefill_kv_tokens" => {
-                s.sum_prefill_kv_tokens = r.read_i64("scheduled_requests.sum_prefill_kv_tokens")?
-            }
-            b"num_decode_requests" => {
-                s.num_decode_requests = r.read_i64("scheduled_requests.num_decode_requests")?
-            }
-            b"sum_decode_kv_tokens" => {
-                s.sum_decode_kv_tokens = r.read_i64("scheduled_requests.sum_decode_kv_tokens")?
-            }
-            b"var_decode_kv_tokens" => {
-                s.var_decode_kv_tokens = r.read_f64("scheduled_requests.var_decode_kv_tokens")?
-            }
-            _ => r.skip_value(SCHED)?,
+        };
+        match field {
+            0 => s.num_prefill_requests = r.read_i64("scheduled_requests.num_prefill_requests")?,
+            1 => s.sum_prefill_tokens = r.read_i64("scheduled_requests.sum_prefill_tokens")?,
+            2 => s.var_prefill_length = r.read_f64("scheduled_requests.var_prefill_length")?,
+            3 => s.sum_prefill_kv_tokens = r.read_i64("scheduled_requests.sum_prefill_kv_tokens")?,
+            4 => s.num_decode_requests = r.read_i64("scheduled_requests.num_decode_requests")?,
+            5 => s.sum_decode_kv_tokens = r.read_i64("scheduled_requests.sum_decode_kv_tokens")?,
+            _ => s.var_decode_kv_tokens = r.read_f64("scheduled_requests.var_decode_kv_tokens")?,
         }
+        next = field + 1;
     }
     Ok(s)
 }
@@ -316,28 +443,42 @@ fn decode_scheduled(r: &mut Reader<'_>) -> Result<ScheduledRequestMetrics, Decod
 fn decode_queued(r: &mut Reader<'_>) -> Result<QueuedRequestMetrics, DecodeError> {
     let mut q = QueuedRequestMetrics::default();
     let n = r.read_map_len(QUEUED)?;
+    let mut next = 0;
     for _ in 0..n {
-        match r.read_key(QUEUED)? {
-            b"num_prefill_requests" => {
-                q.num_prefill_requests = r.read_i64("queued_requests.num_prefill_requests")?
+        let fast = match next {
+            0 => r.eat(key!("num_prefill_requests")),
+            1 => r.eat(key!("sum_prefill_tokens")),
+            2 => r.eat(key!("var_prefill_length")),
+            3 => r.eat(key!("num_decode_requests")),
+            4 => r.eat(key!("sum_decode_kv_tokens")),
+            5 => r.eat(key!("var_decode_kv_tokens")),
+            _ => false,
+        };
+        let field = if fast {
+            next
+        } else {
+            match r.read_key(QUEUED)? {
+                b"num_prefill_requests" => 0,
+                b"sum_prefill_tokens" => 1,
+                b"var_prefill_length" => 2,
+                b"num_decode_requests" => 3,
+                b"sum_decode_kv_tokens" => 4,
+                b"var_decode_kv_tokens" => 5,
+                _ => {
+                    r.skip_value(QUEUED)?;
+                    continue;
+                }
             }
-            b"sum_prefill_tokens" => {
-                q.sum_prefill_tokens = r.read_i64("queued_requests.sum_prefill_tokens")?
-            }
-            b"var_prefill_length" => {
-                q.var_prefill_length = r.read_f64("queued_requests.var_prefill_length")?
-            }
-            b"num_decode_requests" => {
-                q.num_decode_requests = r.read_i64("queued_requests.num_decode_requests")?
-            }
-            b"sum_decode_kv_tokens" => {
-                q.sum_decode_kv_tokens = r.read_i64("queued_requests.sum_decode_kv_tokens")?
-            }
-            b"var_decode_kv_tokens" => {
-                q.var_decode_kv_tokens = r.read_f64("queued_requests.var_decode_kv_tokens")?
-            }
-            _ => r.skip_value(QUEUED)?,
+        };
+        match field {
+            0 => q.num_prefill_requests = r.read_i64("queued_requests.num_prefill_requests")?,
+            1 => q.sum_prefill_tokens = r.read_i64("queued_requests.sum_prefill_tokens")?,
+            2 => q.var_prefill_length = r.read_f64("queued_requests.var_prefill_length")?,
+            3 => q.num_decode_requests = r.read_i64("queued_requests.num_decode_requests")?,
+            4 => q.sum_decode_kv_tokens = r.read_i64("queued_requests.sum_decode_kv_tokens")?,
+            _ => q.var_decode_kv_tokens = r.read_f64("queued_requests.var_decode_kv_tokens")?,
         }
+        next = field + 1;
     }
     Ok(q)
 }
@@ -345,7 +486,7 @@ fn decode_queued(r: &mut Reader<'_>) -> Result<QueuedRequestMetrics, DecodeError
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::msgpack::{write_map_len, write_str};
+    use crate::msgpack::{write_i64, write_map_len, write_str};
 
     fn sample() -> ForwardPassMetrics {
         ForwardPassMetrics {

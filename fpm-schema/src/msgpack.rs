@@ -23,7 +23,7 @@ pub(crate) fn write_map_len(buf: &mut Vec<u8>, len: u32) {
 
 /// Appends a signed integer in its smallest MessagePack form (msgspec's rule: non-negative
 /// values use positive fixint or uint8..uint64, negative values negative fixint or int8..int64).
-#[inline]
+#[cfg(test)]
 pub(crate) fn write_i64(buf: &mut Vec<u8>, v: i64) {
     if v >= 0 {
         write_u64(buf, v as u64);
@@ -65,7 +65,7 @@ pub(crate) fn write_u64(buf: &mut Vec<u8>, v: u64) {
 }
 
 /// Appends a float64 (`0xcb`), whatever the value: msgspec never shortens floats.
-#[inline]
+#[cfg(test)]
 pub(crate) fn write_f64(buf: &mut Vec<u8>, v: f64) {
     let mut out = [0u8; 9];
     out[0] = 0xcb;
@@ -107,6 +107,101 @@ pub(crate) fn write_bin(buf: &mut Vec<u8>, b: &[u8]) {
         buf.extend_from_slice(&(len as u32).to_be_bytes());
     }
     buf.extend_from_slice(b);
+}
+
+/// Writes MessagePack into a pre-sized slice, keeping the cursor in a register (the hot
+/// encoders use it instead of `Vec::push`, which updates the length in memory on every call).
+/// Writing past the end panics, so callers size the slice with a proven upper bound.
+#[derive(Debug)]
+pub(crate) struct SliceWriter<'a> {
+    out: &'a mut [u8],
+    pos: usize,
+}
+
+impl<'a> SliceWriter<'a> {
+    pub(crate) fn new(out: &'a mut [u8]) -> Self {
+        SliceWriter { out, pos: 0 }
+    }
+
+    /// Bytes written.
+    pub(crate) fn len(&self) -> usize {
+        self.pos
+    }
+
+    #[inline(always)]
+    pub(crate) fn put<const N: usize>(&mut self, b: &[u8; N]) {
+        self.out[self.pos..self.pos + N].copy_from_slice(b);
+        self.pos += N;
+    }
+
+    #[inline(always)]
+    pub(crate) fn put_slice(&mut self, b: &[u8]) {
+        self.out[self.pos..self.pos + b.len()].copy_from_slice(b);
+        self.pos += b.len();
+    }
+
+    #[inline(always)]
+    pub(crate) fn u64(&mut self, v: u64) {
+        if v < 128 {
+            self.put(&[v as u8]);
+        } else if v <= u8::MAX as u64 {
+            self.put(&[0xcc, v as u8]);
+        } else if v <= u16::MAX as u64 {
+            let b = (v as u16).to_be_bytes();
+            self.put(&[0xcd, b[0], b[1]]);
+        } else if v <= u32::MAX as u64 {
+            let b = (v as u32).to_be_bytes();
+            self.put(&[0xce, b[0], b[1], b[2], b[3]]);
+        } else {
+            self.put(&[0xcf]);
+            self.put(&v.to_be_bytes());
+        }
+    }
+
+    /// Same forms as [`write_i64`].
+    #[inline(always)]
+    pub(crate) fn i64(&mut self, v: i64) {
+        if v >= 0 {
+            self.u64(v as u64);
+        } else if v >= -32 {
+            self.put(&[v as u8]);
+        } else if v >= i8::MIN as i64 {
+            self.put(&[0xd0, v as i8 as u8]);
+        } else if v >= i16::MIN as i64 {
+            let b = (v as i16).to_be_bytes();
+            self.put(&[0xd1, b[0], b[1]]);
+        } else if v >= i32::MIN as i64 {
+            let b = (v as i32).to_be_bytes();
+            self.put(&[0xd2, b[0], b[1], b[2], b[3]]);
+        } else {
+            self.put(&[0xd3]);
+            self.put(&v.to_be_bytes());
+        }
+    }
+
+    #[inline(always)]
+    pub(crate) fn f64(&mut self, v: f64) {
+        self.put(&[0xcb]);
+        self.put(&v.to_bits().to_be_bytes());
+    }
+
+    /// Same forms as [`write_str`].
+    #[inline(always)]
+    pub(crate) fn str(&mut self, s: &str) {
+        let len = s.len();
+        if len < 32 {
+            self.put(&[0xa0 | len as u8]);
+        } else if len <= u8::MAX as usize {
+            self.put(&[0xd9, len as u8]);
+        } else if len <= u16::MAX as usize {
+            let b = (len as u16).to_be_bytes();
+            self.put(&[0xda, b[0], b[1]]);
+        } else {
+            self.put(&[0xdb]);
+            self.put(&(len as u32).to_be_bytes());
+        }
+        self.put_slice(s.as_bytes());
+    }
 }
 
 /// A fixstr key (header byte and the name) built at compile time.
@@ -169,7 +264,8 @@ impl<'a> Reader<'a> {
         self.pos >= self.buf.len()
     }
 
-    #[inline]
+    #[cold]
+    #[inline(never)]
     fn truncated(&self, field: &'static str) -> DecodeError {
         DecodeError::Truncated {
             field,
@@ -177,7 +273,7 @@ impl<'a> Reader<'a> {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     pub(crate) fn peek_marker(&self, field: &'static str) -> Result<u8, DecodeError> {
         self.buf
             .get(self.pos)
@@ -185,7 +281,7 @@ impl<'a> Reader<'a> {
             .ok_or_else(|| self.truncated(field))
     }
 
-    #[inline]
+    #[inline(always)]
     fn take(&mut self, n: usize, field: &'static str) -> Result<&'a [u8], DecodeError> {
         let end = self
             .pos
@@ -197,7 +293,7 @@ impl<'a> Reader<'a> {
         Ok(s)
     }
 
-    #[inline]
+    #[inline(always)]
     fn take_array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], DecodeError> {
         let s = self.take(N, field)?;
         let mut out = [0u8; N];
@@ -205,7 +301,8 @@ impl<'a> Reader<'a> {
         Ok(out)
     }
 
-    #[inline]
+    #[cold]
+    #[inline(never)]
     fn wrong_type(&self, field: &'static str, expected: &'static str, marker: u8) -> DecodeError {
         DecodeError::WrongType {
             field,
@@ -215,7 +312,25 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// Consumes `key` (a fixstr header and name) if the input continues with exactly it: the
+    /// fast path for maps whose keys come in the usual order. The length is a constant, so
+    /// the comparison compiles to a few word loads.
+    #[inline(always)]
+    pub(crate) fn eat<const N: usize>(&mut self, key: &[u8; N]) -> bool {
+        let Some(end) = self.pos.checked_add(N) else {
+            return false;
+        };
+        match self.buf.get(self.pos..end).map(<&[u8; N]>::try_from) {
+            Some(Ok(got)) if got == key => {
+                self.pos = end;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Reads a map header and returns its entry count.
+    #[inline(always)]
     pub(crate) fn read_map_len(&mut self, field: &'static str) -> Result<usize, DecodeError> {
         let m = self.peek_marker(field)?;
         let len = match m {
@@ -237,7 +352,7 @@ impl<'a> Reader<'a> {
     }
 
     /// Reads an integer of any form into an `i64`.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn read_i64(&mut self, field: &'static str) -> Result<i64, DecodeError> {
         let m = self.peek_marker(field)?;
         let start = self.pos;
@@ -285,7 +400,7 @@ impl<'a> Reader<'a> {
     }
 
     /// Reads a float; ints of any form are accepted and converted, as msgspec does.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn read_f64(&mut self, field: &'static str) -> Result<f64, DecodeError> {
         let m = self.peek_marker(field)?;
         match m {
@@ -309,7 +424,7 @@ impl<'a> Reader<'a> {
     }
 
     /// Reads the raw bytes of a string of any form.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn read_str_bytes(&mut self, field: &'static str) -> Result<&'a [u8], DecodeError> {
         let m = self.peek_marker(field)?;
         let len = match m {
@@ -335,7 +450,7 @@ impl<'a> Reader<'a> {
     }
 
     /// Reads a UTF-8 string of any form.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn read_str(&mut self, field: &'static str) -> Result<&'a str, DecodeError> {
         let start = self.pos;
         let bytes = self.read_str_bytes(field)?;
@@ -367,7 +482,7 @@ impl<'a> Reader<'a> {
     }
 
     /// Reads a map key, which must be a string (msgspec rejects other key types for structs).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn read_key(&mut self, field: &'static str) -> Result<&'a [u8], DecodeError> {
         let m = self.peek_marker(field)?;
         match m {

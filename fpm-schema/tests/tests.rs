@@ -96,6 +96,19 @@ proptest! {
     }
 
     #[test]
+    fn general_path_agrees_with_fast_path(m in any_message()) {
+        // An extra key at the end takes the message off the canonical fast path, so the
+        // general decoder must produce the same value.
+        let canonical = encode(&m);
+        let mut extended = canonical.clone();
+        extended[0] = 0x88;
+        extended.extend_from_slice(b"\xactiming_scope\xa9iteration");
+        let a = decode(&canonical).unwrap();
+        let b = decode(&extended).unwrap();
+        prop_assert_eq!(encode(&a), encode(&b));
+    }
+
+    #[test]
     fn envelope_round_trip(seq in any::<u64>(), pid in 0u64..(1 << 53), at in any::<u64>(),
                            m in any_message()) {
         let payload = encode(&m);
