@@ -69,9 +69,15 @@ fn bench_codec(c: &mut Criterion) {
         g.bench_function("decode", |b| b.iter(|| decode(black_box(&bytes)).unwrap()));
         let mut out = ForwardPassMetrics::default();
         g.bench_function("decode_into", |b| {
-            b.iter(|| Decoder::new().decode_into(black_box(&bytes), &mut out).unwrap())
+            b.iter(|| {
+                Decoder::new()
+                    .decode_into(black_box(&bytes), &mut out)
+                    .unwrap()
+            })
         });
-        g.bench_function("peek_key", |b| b.iter(|| peek_key(black_box(&bytes)).unwrap()));
+        g.bench_function("peek_key", |b| {
+            b.iter(|| peek_key(black_box(&bytes)).unwrap())
+        });
         let mut env_buf = Vec::with_capacity(1024);
         g.bench_function("envelope_wrap", |b| {
             b.iter(|| {
@@ -130,7 +136,13 @@ fn compare_with_msgspec() {
     let iterations = 200_000;
     let out = Command::new(&py)
         .arg(root.join("contract-tests/python/fpmcontract.py"))
-        .args(["bench", "--module", "dynamo", "--iterations", &iterations.to_string()])
+        .args([
+            "bench",
+            "--module",
+            "dynamo",
+            "--iterations",
+            &iterations.to_string(),
+        ])
         .output()
         .expect("run python bench");
     if !out.status.success() {

@@ -430,7 +430,9 @@ fn decode_scheduled(r: &mut Reader<'_>) -> Result<ScheduledRequestMetrics, Decod
             0 => s.num_prefill_requests = r.read_i64("scheduled_requests.num_prefill_requests")?,
             1 => s.sum_prefill_tokens = r.read_i64("scheduled_requests.sum_prefill_tokens")?,
             2 => s.var_prefill_length = r.read_f64("scheduled_requests.var_prefill_length")?,
-            3 => s.sum_prefill_kv_tokens = r.read_i64("scheduled_requests.sum_prefill_kv_tokens")?,
+            3 => {
+                s.sum_prefill_kv_tokens = r.read_i64("scheduled_requests.sum_prefill_kv_tokens")?
+            }
             4 => s.num_decode_requests = r.read_i64("scheduled_requests.num_decode_requests")?,
             5 => s.sum_decode_kv_tokens = r.read_i64("scheduled_requests.sum_decode_kv_tokens")?,
             _ => s.var_decode_kv_tokens = r.read_f64("scheduled_requests.var_decode_kv_tokens")?,

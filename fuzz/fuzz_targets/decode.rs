@@ -5,7 +5,8 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(m) = fpm_schema::decode(data) {
-        let again = fpm_schema::decode(&fpm_schema::encode(&m)).expect("re-encoded message decodes");
+        let again =
+            fpm_schema::decode(&fpm_schema::encode(&m)).expect("re-encoded message decodes");
         assert_eq!(fpm_schema::encode(&again), fpm_schema::encode(&m));
     }
 });

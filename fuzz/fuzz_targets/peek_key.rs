@@ -11,7 +11,10 @@ fuzz_target!(|data: &[u8]| {
         let k = peeked.expect("a decodable message has a peekable key");
         if fpm_schema::encode(&m) == data {
             assert_eq!(k.worker_id, m.worker_id);
-            assert_eq!((k.dp_rank, k.counter_id, k.version), (m.dp_rank, m.counter_id, m.version));
+            assert_eq!(
+                (k.dp_rank, k.counter_id, k.version),
+                (m.dp_rank, m.counter_id, m.version)
+            );
         }
     }
 });
