@@ -170,6 +170,31 @@ mod golden {
     }
 
     #[test]
+    fn dynamo_envelopes_decode_and_re_encode_byte_identical() {
+        let path = repo_root().join("contract-tests/vectors/envelopes-dynamo-1.6.1.hex");
+        let text = fs::read_to_string(path).unwrap();
+        let mut n = 0;
+        for line in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+            let bytes: Vec<u8> = (0..line.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&line[i..i + 2], 16).unwrap())
+                .collect();
+            let env = fpm_schema::Envelope::decode(&bytes).unwrap();
+            assert_eq!(env.topic, fpm_schema::FPM_TOPIC);
+            assert!(env.publisher_id < 1 << 53);
+            assert_eq!(env.sequence, 0);
+            // Unix milliseconds in 2026.
+            assert!((1_700_000_000_000..2_000_000_000_000).contains(&env.published_at));
+            let m = decode(env.payload).unwrap();
+            assert!(m.worker_id.starts_with("worker-"));
+            assert_eq!(encode(&m), env.payload, "payload re-encodes identically");
+            assert_eq!(env.encode(), bytes, "envelope re-encodes identically");
+            n += 1;
+        }
+        assert_eq!(n, 2);
+    }
+
+    #[test]
     fn welford_matches_python_accumulator() {
         let path = repo_root().join("contract-tests/vectors/welford.jsonl");
         check_welford(&fs::read_to_string(path).unwrap());
