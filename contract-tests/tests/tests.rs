@@ -174,7 +174,10 @@ mod golden {
         let path = repo_root().join("contract-tests/vectors/envelopes-dynamo-1.6.1.hex");
         let text = fs::read_to_string(path).unwrap();
         let mut n = 0;
-        for line in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        {
             let bytes: Vec<u8> = (0..line.len())
                 .step_by(2)
                 .map(|i| u8::from_str_radix(&line[i..i + 2], 16).unwrap())
