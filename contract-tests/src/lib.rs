@@ -7,44 +7,13 @@
 #![deny(missing_docs)]
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use fpm_schema::{ForwardPassMetrics, QueuedRequestMetrics, ScheduledRequestMetrics};
 use serde_json::{json, Map, Value};
 
-/// The repository root.
-pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("contract-tests sits in the repo root")
-        .to_path_buf()
-}
-
-/// The venv's python, if the venv exists (created by `contract-tests/setup.sh`).
-///
-/// When it does not exist: panics if `FPM_REQUIRE_PYTHON=1` (CI), otherwise prints why the
-/// test is skipped and returns `None`.
-pub fn python() -> Option<PathBuf> {
-    let venv = std::env::var_os("FPM_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target/fpm-venv"));
-    let py = venv.join("bin/python");
-    if py.exists() && venv.join(".fpm-setup-v1").exists() {
-        return Some(py);
-    }
-    if std::env::var("FPM_REQUIRE_PYTHON").as_deref() == Ok("1") {
-        panic!(
-            "FPM_REQUIRE_PYTHON=1 but no venv at {}: run contract-tests/setup.sh",
-            venv.display()
-        );
-    }
-    eprintln!(
-        "SKIPPED: no Python venv at {} (run contract-tests/setup.sh to run the live contract tests)",
-        venv.display()
-    );
-    None
-}
+pub use fpm_testkit::{python, repo_root};
 
 /// Runs `fpmcontract.py` with `args`, feeding `stdin`; returns stdout. Panics with stderr on
 /// a non-zero exit unless `allow_failure`.

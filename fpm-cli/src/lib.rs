@@ -8,8 +8,14 @@ pub mod commands;
 
 /// Forward Pass Metrics tools: inspect, relay, record and simulate per-iteration engine metrics.
 #[derive(Debug, Parser)]
-#[command(name = "fpm", version, about, long_about = None, propagate_version = true)]
+#[command(name = "fpm", version, propagate_version = true)]
 pub struct Cli {
+    /// More log output (-v debug, -vv trace). `RUST_LOG` overrides both flags.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Less log output (-q warnings and errors only, -qq errors only).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "verbose")]
+    pub quiet: u8,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -22,6 +28,24 @@ pub enum Command {
     Decode(commands::codec::DecodeArgs),
     /// Encode an FPM message given as JSON into msgpack (byte-identical to msgspec).
     Encode(commands::codec::EncodeArgs),
+}
+
+/// Sets up logging to standard error: `info` by default, moved by `-v`/`-q`, overridden by
+/// `RUST_LOG` when set. Called once, by `main`.
+pub fn init_logging(verbose: u8, quiet: u8) {
+    use tracing_subscriber::EnvFilter;
+    let level = match (verbose, quiet) {
+        (0, 0) => "info",
+        (1, _) => "debug",
+        (v, _) if v >= 2 => "trace",
+        (_, 1) => "warn",
+        _ => "error",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// Runs one parsed command line.

@@ -7,6 +7,7 @@ use fpm_cli::Cli;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    fpm_cli::init_logging(cli.verbose, cli.quiet);
     match fpm_cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
