@@ -1,0 +1,70 @@
+//! Errors the relay reports at startup. Once running, nothing stops it except shutdown:
+//! bad messages, lost connections and full buffers are counted, not returned.
+
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+/// Why the relay could not start.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No ZeroMQ endpoint was configured.
+    #[error("no ZeroMQ endpoint to read from: give --zmq-endpoint, --ipc-base with --dp-ranks, or --tcp-port-base with --dp-size")]
+    NoEndpoints,
+    /// A ZeroMQ endpoint is malformed or cannot be connected to.
+    #[error(
+        "ZeroMQ endpoint {endpoint:?} is not usable ({source}): use tcp://HOST:PORT or ipc:///path"
+    )]
+    Endpoint {
+        /// The endpoint as given.
+        endpoint: String,
+        /// What libzmq said.
+        #[source]
+        source: zmq::Error,
+    },
+    /// The same ZeroMQ endpoint was given twice.
+    #[error("ZeroMQ endpoint {0:?} is given more than once")]
+    DuplicateEndpoint(String),
+    /// ZeroMQ itself failed (context or socket creation).
+    #[error("ZeroMQ: {0}")]
+    Zmq(#[from] zmq::Error),
+    /// A namespace, component or endpoint name cannot be used in a NATS subject.
+    #[error(transparent)]
+    Name(#[from] fpm_schema::NameError),
+    /// The NATS URL does not parse.
+    #[error("NATS URL {url:?} is not valid ({reason}): use nats://HOST:PORT (or tls://, ws://), comma-separated for several servers")]
+    NatsUrl {
+        /// The URL as given.
+        url: String,
+        /// Why it was rejected.
+        reason: String,
+    },
+    /// A credentials file, nkey seed or TLS file could not be used.
+    #[error("NATS credentials: {0}")]
+    Credentials(String),
+    /// Connecting to NATS failed in a way retrying cannot fix.
+    #[error("NATS: {0}")]
+    Nats(String),
+    /// The metrics address could not be bound.
+    #[error("cannot listen for /metrics on {addr} ({source}): pick another --metrics-addr")]
+    MetricsBind {
+        /// The address.
+        addr: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The discovery record could not be written.
+    #[error("cannot write the discovery record under {dir} ({source}): check --discovery-dir / DYN_FILE_KV")]
+    Discovery {
+        /// The discovery directory.
+        dir: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The configuration is inconsistent.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
