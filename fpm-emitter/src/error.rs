@@ -1,0 +1,39 @@
+//! Errors of the emitter.
+
+use thiserror::Error;
+
+/// Why the emitter could not start.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum EmitterError {
+    /// The configuration is invalid.
+    #[error("invalid emitter configuration: {0}")]
+    Config(String),
+    /// The ZeroMQ socket could not be created or bound.
+    #[error("cannot bind the FPM publisher to {endpoint}: {source}")]
+    Bind {
+        /// The address.
+        endpoint: String,
+        /// The ZeroMQ error.
+        #[source]
+        source: zmq::Error,
+    },
+    /// CUDA timing was required (`ClockChoice::Cuda`) but is not available.
+    #[error("CUDA timing requested but unavailable: {0}")]
+    CudaUnavailable(String),
+    /// The background publisher thread could not be spawned.
+    #[error("cannot spawn the FPM publisher thread: {0}")]
+    Spawn(#[from] std::io::Error),
+}
+
+/// Why one iteration could not be timed. Counted, never silent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum TimingError {
+    /// Every CUDA event pair is in use by iterations still waiting for the GPU.
+    #[error("all CUDA event pairs are in use (GPU far behind the scheduler)")]
+    PoolExhausted,
+    /// A CUDA call failed (the code is the `CUresult`).
+    #[error("CUDA call failed with code {0}")]
+    Cuda(i32),
+}

@@ -1,0 +1,179 @@
+//! Counters: every message the emitter does not publish is counted with a reason.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use crate::clock::ClockKind;
+
+/// Why an iteration's message was not published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DropReason {
+    /// The submission queue was full (the publisher thread is behind).
+    QueueFull,
+    /// The iteration could not be timed (no free CUDA event pair, or a CUDA call failed while
+    /// recording).
+    TimingUnavailable,
+    /// Reading the GPU timing failed.
+    TimingFailed,
+    /// The segments ran on more than one stream, so the span is ambiguous (as upstream, the
+    /// sample is skipped).
+    MultiStream,
+    /// No subscriber was connected to receive it.
+    NoSubscriber,
+    /// A subscriber's queue was full.
+    SendHwm,
+    /// The transport failed.
+    SendError,
+    /// Still waiting for the GPU when the shutdown timeout expired.
+    Shutdown,
+}
+
+impl DropReason {
+    /// Every reason, in a fixed order.
+    pub const ALL: [DropReason; 8] = [
+        DropReason::QueueFull,
+        DropReason::TimingUnavailable,
+        DropReason::TimingFailed,
+        DropReason::MultiStream,
+        DropReason::NoSubscriber,
+        DropReason::SendHwm,
+        DropReason::SendError,
+        DropReason::Shutdown,
+    ];
+
+    /// The metrics label.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            DropReason::QueueFull => "queue_full",
+            DropReason::TimingUnavailable => "timing_unavailable",
+            DropReason::TimingFailed => "timing_failed",
+            DropReason::MultiStream => "multi_stream",
+            DropReason::NoSubscriber => "no_subscriber",
+            DropReason::SendHwm => "send_hwm",
+            DropReason::SendError => "send_error",
+            DropReason::Shutdown => "shutdown",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Shared atomic counters.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub submitted: AtomicU64,
+    pub published: AtomicU64,
+    pub heartbeats: AtomicU64,
+    pub heartbeats_dropped: AtomicU64,
+    pub pending: AtomicU64,
+    dropped: [AtomicU64; 8],
+}
+
+impl Counters {
+    #[inline]
+    pub fn drop_one(&self, reason: DropReason) {
+        self.dropped[reason.index()].fetch_add(1, Relaxed);
+    }
+
+    pub fn snapshot(&self, clock: ClockKind) -> EmitterStats {
+        let d = |r: DropReason| self.dropped[r.index()].load(Relaxed);
+        EmitterStats {
+            clock,
+            submitted: self.submitted.load(Relaxed),
+            published: self.published.load(Relaxed),
+            heartbeats: self.heartbeats.load(Relaxed),
+            heartbeats_dropped: self.heartbeats_dropped.load(Relaxed),
+            pending_timings: self.pending.load(Relaxed),
+            dropped: DropCounts {
+                queue_full: d(DropReason::QueueFull),
+                timing_unavailable: d(DropReason::TimingUnavailable),
+                timing_failed: d(DropReason::TimingFailed),
+                multi_stream: d(DropReason::MultiStream),
+                no_subscriber: d(DropReason::NoSubscriber),
+                send_hwm: d(DropReason::SendHwm),
+                send_error: d(DropReason::SendError),
+                shutdown: d(DropReason::Shutdown),
+            },
+        }
+    }
+}
+
+/// Dropped iteration messages by reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DropCounts {
+    /// [`DropReason::QueueFull`].
+    pub queue_full: u64,
+    /// [`DropReason::TimingUnavailable`].
+    pub timing_unavailable: u64,
+    /// [`DropReason::TimingFailed`].
+    pub timing_failed: u64,
+    /// [`DropReason::MultiStream`] (skipped multi-stream spans).
+    pub multi_stream: u64,
+    /// [`DropReason::NoSubscriber`].
+    pub no_subscriber: u64,
+    /// [`DropReason::SendHwm`].
+    pub send_hwm: u64,
+    /// [`DropReason::SendError`].
+    pub send_error: u64,
+    /// [`DropReason::Shutdown`].
+    pub shutdown: u64,
+}
+
+impl DropCounts {
+    /// All drops.
+    pub fn total(&self) -> u64 {
+        self.queue_full
+            + self.timing_unavailable
+            + self.timing_failed
+            + self.multi_stream
+            + self.no_subscriber
+            + self.send_hwm
+            + self.send_error
+            + self.shutdown
+    }
+
+    /// `(label, count)` pairs for metrics.
+    pub fn by_reason(&self) -> [(&'static str, u64); 8] {
+        [
+            ("queue_full", self.queue_full),
+            ("timing_unavailable", self.timing_unavailable),
+            ("timing_failed", self.timing_failed),
+            ("multi_stream", self.multi_stream),
+            ("no_subscriber", self.no_subscriber),
+            ("send_hwm", self.send_hwm),
+            ("send_error", self.send_error),
+            ("shutdown", self.shutdown),
+        ]
+    }
+}
+
+/// A snapshot of the emitter's counters.
+///
+/// Once the emitter has shut down, `submitted == published + dropped.total()`: every
+/// iteration is either published or counted under a reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EmitterStats {
+    /// Which clock timed the iterations (`Cpu` means no GPU timing: a stand-in).
+    pub clock: ClockKind,
+    /// Iterations submitted (each stamped with a counter).
+    pub submitted: u64,
+    /// Iteration messages published.
+    pub published: u64,
+    /// Idle heartbeats published.
+    pub heartbeats: u64,
+    /// Idle heartbeats not sent (no subscriber or transport error).
+    pub heartbeats_dropped: u64,
+    /// Iterations waiting for their GPU timing (or in the queue).
+    pub pending_timings: u64,
+    /// Dropped iteration messages by reason.
+    pub dropped: DropCounts,
+}
+
+impl EmitterStats {
+    /// Skipped multi-stream spans (also in `dropped.multi_stream`).
+    pub fn skipped_multi_stream(&self) -> u64 {
+        self.dropped.multi_stream
+    }
+}
