@@ -1,0 +1,228 @@
+//! `fpm sim`: a synthetic LLM engine publishing real FPM over ZeroMQ.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use fpm_emitter::sim::{self, CostModel, Rate, SimConfig};
+use fpm_emitter::Endpoint;
+
+/// Arguments of `fpm sim`.
+#[derive(Debug, Args)]
+pub struct SimArgs {
+    /// Where each rank publishes: `ipc://PATH` (rank r binds `PATH.r`, SGLang's layout),
+    /// `tcp://HOST:PORT` or a bare port (rank r binds port + r, Dynamo's vLLM layout).
+    #[arg(long, env = "FPM_SIM_ENDPOINT", default_value = "ipc:///tmp/fpm-sim")]
+    pub endpoint: String,
+    /// Data-parallel ranks: one scheduler thread and one socket each.
+    #[arg(long, env = "FPM_SIM_DP_SIZE", default_value_t = 1)]
+    pub dp_size: u32,
+    /// Engine identity stamped on every message.
+    #[arg(long, env = "FPM_SIM_WORKER_ID", default_value = "fpm-sim")]
+    pub worker_id: String,
+    /// How long to run (`30s`, `2m`, `500ms`, or seconds); Ctrl-C stops earlier.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Request arrivals per second across all ranks (Poisson).
+    #[arg(long, default_value_t = 4.0)]
+    pub rps: f64,
+    /// Mean prompt length in tokens (log-normal).
+    #[arg(long, default_value_t = 1024.0)]
+    pub prompt_len: f64,
+    /// Mean output length in tokens (log-normal).
+    #[arg(long, default_value_t = 256.0)]
+    pub output_len: f64,
+    /// Token budget per iteration: longer prompts are prefilled in chunks.
+    #[arg(long, default_value_t = 2048)]
+    pub max_num_batched_tokens: i64,
+    /// Running requests per rank, at most.
+    #[arg(long, default_value_t = 256)]
+    pub max_num_seqs: usize,
+    /// KV-cache capacity per rank in tokens; when full, the newest request is preempted.
+    #[arg(long, default_value_t = 262_144)]
+    pub kv_capacity: i64,
+    /// Load-test mode: publish N messages per second per rank, or `max`, ignoring the model.
+    #[arg(long, value_parser = parse_rate)]
+    pub rate: Option<Rate>,
+    /// Random seed (rank r uses seed + r).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Cost model: fixed milliseconds per iteration.
+    #[arg(long, default_value_t = 4.0)]
+    pub cost_base_ms: f64,
+    /// Cost model: microseconds per prefill token.
+    #[arg(long, default_value_t = 20.0)]
+    pub cost_prefill_us: f64,
+    /// Cost model: nanoseconds per KV token read by decode.
+    #[arg(long, default_value_t = 20.0)]
+    pub cost_decode_kv_ns: f64,
+    /// Cost model: microseconds per decode request.
+    #[arg(long, default_value_t = 10.0)]
+    pub cost_decode_request_us: f64,
+    /// Cost model: relative noise (standard deviation).
+    #[arg(long, default_value_t = 0.03)]
+    pub noise: f64,
+    /// Idle heartbeat interval.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub heartbeat_interval: Duration,
+}
+
+/// Parses `30s`, `2m`, `500ms`, `1h` or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a duration like 30s, 2m, 500ms"))?;
+    let secs = match unit {
+        "ms" => v / 1000.0,
+        "s" => v,
+        "m" => v * 60.0,
+        "h" => v * 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+    };
+    if !(secs.is_finite() && secs >= 0.0) {
+        return Err(format!("{s:?}: must be a non-negative duration"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn parse_rate(s: &str) -> Result<Rate, String> {
+    if s.eq_ignore_ascii_case("max") {
+        return Ok(Rate::Max);
+    }
+    match s.parse::<f64>() {
+        Ok(r) if r > 0.0 && r.is_finite() => Ok(Rate::PerSecond(r)),
+        _ => Err(format!(
+            "{s:?}: expected messages per second (> 0) or `max`"
+        )),
+    }
+}
+
+/// Sets `stop` on SIGINT or SIGTERM.
+fn stop_on_signal(stop: Arc<AtomicBool>) {
+    std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(t) => t,
+                    Err(_) => return,
+                };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {},
+                _ = term.recv() => {},
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+    });
+}
+
+/// Runs `fpm sim`.
+///
+/// # Errors
+/// A bad endpoint or a socket that cannot be bound.
+pub fn run(args: SimArgs) -> Result<()> {
+    if args.dp_size == 0 {
+        bail!("--dp-size must be at least 1");
+    }
+    let endpoint = Endpoint::parse(&args.endpoint).with_context(|| "invalid --endpoint")?;
+    let mut cfg = SimConfig::new(endpoint, args.worker_id);
+    cfg.dp_size = args.dp_size;
+    cfg.duration = args.duration;
+    cfg.rps = args.rps;
+    cfg.prompt_len_mean = args.prompt_len;
+    cfg.output_len_mean = args.output_len;
+    cfg.max_num_batched_tokens = args.max_num_batched_tokens;
+    cfg.max_num_seqs = args.max_num_seqs;
+    cfg.kv_capacity = args.kv_capacity;
+    cfg.rate = args.rate;
+    cfg.seed = args.seed;
+    cfg.heartbeat_interval = args.heartbeat_interval;
+    cfg.cost = CostModel {
+        base_s: args.cost_base_ms / 1e3,
+        prefill_token_s: args.cost_prefill_us / 1e6,
+        decode_kv_token_s: args.cost_decode_kv_ns / 1e9,
+        decode_request_s: args.cost_decode_request_us / 1e6,
+        noise: args.noise,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    stop_on_signal(stop.clone());
+    tracing::info!(
+        worker_id = %cfg.worker_id,
+        dp_size = cfg.dp_size,
+        duration_s = cfg.duration.as_secs_f64(),
+        mode = if cfg.rate.is_some() { "fixed rate" } else { "model" },
+        "fpm sim running"
+    );
+    let reports = sim::run(&cfg, stop).context("cannot start the simulated engine")?;
+    println!(
+        "{:>4}  {:<28} {:>10} {:>8} {:>8} {:>8} {:>10} {:>10} {:>8}  dropped by reason",
+        "rank",
+        "endpoint",
+        "iterations",
+        "arrived",
+        "finished",
+        "preempt",
+        "published",
+        "heartbeat",
+        "dropped"
+    );
+    for r in &reports {
+        let e = &r.emitter;
+        let reasons: Vec<String> = e
+            .dropped
+            .by_reason()
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(k, n)| format!("{k}={n}"))
+            .collect();
+        println!(
+            "{:>4}  {:<28} {:>10} {:>8} {:>8} {:>8} {:>10} {:>10} {:>8}  {}",
+            r.dp_rank,
+            r.endpoint,
+            r.iterations,
+            r.arrived,
+            r.finished,
+            r.preemptions,
+            e.published,
+            e.heartbeats,
+            e.dropped.total(),
+            if reasons.is_empty() {
+                "-".into()
+            } else {
+                reasons.join(" ")
+            }
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_rates() {
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1500));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("-1s").is_err());
+        assert_eq!(parse_rate("max").unwrap(), Rate::Max);
+        assert_eq!(parse_rate("100").unwrap(), Rate::PerSecond(100.0));
+        assert!(parse_rate("0").is_err());
+    }
+}
