@@ -12,6 +12,8 @@ cargo fmt --all --check
 
 echo "==> cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
+# The CUDA timing path (cudarc, libcuda loaded at run time) builds everywhere.
+cargo clippy -p fpm-emitter --all-targets --features cuda -- -D warnings
 
 echo "==> tests"
 export FPM_REQUIRE_PYTHON=1
@@ -19,6 +21,13 @@ if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast
 else
   cargo test --workspace --no-fail-fast
+fi
+
+echo "==> fpm-emitter with the cuda feature (GPU tests run only with --ignored on a GPU machine)"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run -p fpm-emitter --features cuda --no-fail-fast
+else
+  cargo test -p fpm-emitter --features cuda --no-fail-fast
 fi
 
 echo "==> doc tests"

@@ -118,3 +118,59 @@ mod codec {
         assert!(stderr(&o).contains("/nonexistent/fpm.bin"));
     }
 }
+
+mod sim {
+    use std::process::Command;
+
+    #[test]
+    fn sim_runs_and_reports_per_rank() {
+        let dir = tempfile::tempdir().unwrap();
+        let endpoint = format!("ipc://{}", dir.path().join("sim").display());
+        let out = Command::new(env!("CARGO_BIN_EXE_fpm"))
+            .args([
+                "-q",
+                "sim",
+                "--duration",
+                "1s",
+                "--rps",
+                "50",
+                "--dp-size",
+                "2",
+            ])
+            .args([
+                "--endpoint",
+                &endpoint,
+                "--prompt-len",
+                "100",
+                "--output-len",
+                "10",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(lines[0].contains("iterations"));
+        assert!(lines[1].contains(&format!("{endpoint}.0")), "{text}");
+        assert!(lines[2].contains(&format!("{endpoint}.1")), "{text}");
+        // Nobody subscribed: every message is counted, none silently lost.
+        assert!(lines[1].contains("no_subscriber="), "{text}");
+    }
+
+    #[test]
+    fn sim_bad_endpoint_is_one_line_exit_1() {
+        let out = Command::new(env!("CARGO_BIN_EXE_fpm"))
+            .args(["sim", "--endpoint", "tcp://nohost"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("--endpoint"), "{err}");
+    }
+}

@@ -537,6 +537,97 @@ mod interop {
         assert_eq!(v["worker_ids"], serde_json::json!(["worker-py"]), "{v}");
         assert_eq!(stats.published, 200);
     }
+
+    /// Our emitter → Dynamo's own `FpmEventRelay` (ai-dynamo-runtime 1.6.1, file discovery,
+    /// NATS event plane, a private nats-server) → Dynamo's `FpmEventSubscriber.recv()`: every
+    /// message arrives and decodes with Dynamo's decoder.
+    #[test]
+    fn through_dynamos_relay_to_dynamos_subscriber() {
+        let Some(py) = fpm_testkit::python() else {
+            return;
+        };
+        let nats = fpm_testkit::NatsServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let kv = tempfile::tempdir().unwrap();
+        let base = fpm_testkit::ipc_base(dir.path(), "fpm");
+        let cfg = EmitterConfig::new(Endpoint::IpcBase(base.clone()), "worker-dyn", 0)
+            .with_clock(ClockChoice::Cpu)
+            .with_heartbeat_interval(Duration::from_millis(100));
+        let mut e = Emitter::start(cfg).unwrap();
+        let mut child = Command::new(py)
+            .arg(fpm_testkit::repo_root().join("interop/dynamo_peer.py"))
+            .args(["dynamo-relay", "--namespace", "fpmemit", "--zmq-endpoint"])
+            .arg(format!("{base}.0"))
+            .args(["--count", "100000", "--timeout", "60"])
+            .env("DYN_FILE_KV", kv.path())
+            .env("NATS_SERVER", nats.url())
+            .env("DYN_LOG", "error")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
+        let stdout = child.stdout.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str(&line) {
+                    if tx.send(v).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        let next = |timeout: Duration| rx.recv_timeout(timeout).ok();
+        loop {
+            let v = next(Duration::from_secs(45)).expect("dynamo-relay never became ready");
+            if v["ready"] == true {
+                break;
+            }
+        }
+        // Wait for Dynamo's relay to subscribe to our socket (heartbeats then go out).
+        e.set_idle(true);
+        assert!(wait_until(Duration::from_secs(10), || e.stats().heartbeats > 0));
+        e.set_idle(false);
+        for i in 0..100 {
+            e.begin_iteration();
+            e.time_segment(StreamHandle(0), || {
+                std::thread::sleep(Duration::from_micros(100))
+            });
+            e.submit(batch(i % 9 + 1), QueuedRequestMetrics::default());
+        }
+        let mut counters = Vec::new();
+        let mut iterations = 0;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while iterations < 100 && Instant::now() < deadline {
+            let Some(v) = next(Duration::from_secs(5)) else {
+                break;
+            };
+            if v.get("hex").is_none() {
+                continue;
+            }
+            let d = &v["decoded"];
+            assert!(d.is_object(), "Dynamo could not decode: {v}");
+            assert_eq!(d["worker_id"], "worker-dyn");
+            counters.push(d["counter_id"].as_u64().unwrap());
+            if d["wall_time"].as_f64().unwrap() > 0.0 {
+                iterations += 1;
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        drop(rx);
+        let _ = reader.join();
+        let stats = e.shutdown(Duration::from_secs(1));
+        assert_eq!(
+            iterations, 100,
+            "Dynamo's subscriber got {iterations} of 100 iterations"
+        );
+        assert!(
+            counters.windows(2).all(|w| w[1] == w[0] + 1),
+            "counters not contiguous: {counters:?}"
+        );
+        assert_eq!(stats.published, 100);
+    }
 }
 
 /// Needs an NVIDIA GPU: `cargo test -p fpm-emitter --features cuda -- --ignored --nocapture`.
@@ -681,6 +772,7 @@ mod simulation {
     use std::sync::atomic::AtomicBool;
 
     /// Least squares for y = X b (normal equations, Gaussian elimination).
+    #[allow(clippy::needless_range_loop)]
     fn fit(xs: &[Vec<f64>], ys: &[f64]) -> Vec<f64> {
         let k = xs[0].len();
         let mut a = vec![vec![0.0; k + 1]; k];
