@@ -45,46 +45,39 @@ fn main() {
     // A real scheduler submits once per iteration (milliseconds apart), so the publisher
     // thread always keeps up. To measure that case and not the cheaper "queue full" path, time
     // batches of submits and let the queue drain between batches (untimed).
-    const BATCH: u64 = 256;
+    fn timed_batches(e: &mut Emitter, iters: u64, mut one: impl FnMut(&mut Emitter)) -> Duration {
+        const BATCH: u64 = 256;
+        let mut total = Duration::ZERO;
+        let mut done = 0;
+        while done < iters {
+            let n = BATCH.min(iters - done);
+            let t = Instant::now();
+            for _ in 0..n {
+                one(e);
+            }
+            total += t.elapsed();
+            done += n;
+            while e.stats().pending_timings > 0 {
+                std::hint::spin_loop();
+            }
+        }
+        total
+    }
     c.bench_function("submit", |b| {
         b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            let mut done = 0;
-            while done < iters {
-                let n = BATCH.min(iters - done);
-                let t = Instant::now();
-                for _ in 0..n {
-                    black_box(e.submit(black_box(sched), black_box(queued)));
-                }
-                total += t.elapsed();
-                done += n;
-                while e.stats().pending_timings > 0 {
-                    std::hint::spin_loop();
-                }
-            }
-            total
+            timed_batches(&mut e, iters, |e| {
+                black_box(e.submit(black_box(sched), black_box(queued)));
+            })
         })
     });
     c.bench_function("iteration (begin + segment + submit)", |b| {
         b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            let mut done = 0;
-            while done < iters {
-                let n = BATCH.min(iters - done);
-                let t = Instant::now();
-                for _ in 0..n {
-                    e.begin_iteration();
-                    e.segment_start(StreamHandle(0));
-                    e.segment_end(StreamHandle(0));
-                    black_box(e.submit(black_box(sched), black_box(queued)));
-                }
-                total += t.elapsed();
-                done += n;
-                while e.stats().pending_timings > 0 {
-                    std::hint::spin_loop();
-                }
-            }
-            total
+            timed_batches(&mut e, iters, |e| {
+                e.begin_iteration();
+                e.segment_start(StreamHandle(0));
+                e.segment_end(StreamHandle(0));
+                black_box(e.submit(black_box(sched), black_box(queued)));
+            })
         })
     });
     c.final_summary();
