@@ -198,4 +198,19 @@ mod tests {
         assert!(Endpoint::parse("ipc://").is_err());
         assert!(Endpoint::parse("65535").unwrap().bind_address(1).is_err());
     }
+
+    #[test]
+    fn tcp_port_base_from_dynamo_env() {
+        // The only test that touches this variable.
+        std::env::set_var(PORT_ENV, "31000");
+        let e = Endpoint::tcp_from_env().unwrap();
+        assert_eq!(e.bind_address(2).unwrap(), "tcp://*:31002");
+        std::env::set_var(PORT_ENV, "not-a-port");
+        assert!(Endpoint::tcp_from_env().is_err());
+        std::env::remove_var(PORT_ENV);
+        assert_eq!(
+            Endpoint::tcp_from_env().unwrap().bind_address(0).unwrap(),
+            "tcp://*:20380"
+        );
+    }
 }

@@ -465,6 +465,35 @@ mod zmq_socket {
         e.shutdown(Duration::from_secs(1));
     }
 
+    #[test]
+    fn subscriber_leaving_is_noticed_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = fpm_testkit::ipc_base(dir.path(), "fpm");
+        let cfg = EmitterConfig::new(Endpoint::IpcBase(base.clone()), "w", 0)
+            .with_clock(ClockChoice::Cpu);
+        let mut e = Emitter::start(cfg).unwrap();
+        {
+            let (_ctx, s) = sub(&format!("{base}.0"));
+            let mut ok = false;
+            for _ in 0..200 {
+                e.submit(batch(1), QueuedRequestMetrics::default());
+                if s.recv_multipart(zmq::DONTWAIT).is_ok() {
+                    ok = true;
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            assert!(ok);
+        } // the subscriber goes away
+        let before = e.stats().dropped.no_subscriber;
+        assert!(wait_until(Duration::from_secs(5), || {
+            e.submit(batch(1), QueuedRequestMetrics::default());
+            e.stats().dropped.no_subscriber > before
+        }));
+        let stats = e.shutdown(Duration::from_secs(1));
+        assert_eq!(stats.submitted, stats.published + stats.dropped.total());
+    }
+
     pub(crate) fn free_port() -> u16 {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
