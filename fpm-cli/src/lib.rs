@@ -28,6 +28,10 @@ pub enum Command {
     Decode(commands::codec::DecodeArgs),
     /// Encode an FPM message given as JSON into msgpack (byte-identical to msgspec).
     Encode(commands::codec::EncodeArgs),
+    /// Relay FPM from engines' ZeroMQ PUB sockets to NATS (a drop-in for Dynamo's FpmEventRelay).
+    Relay(Box<commands::relay::RelayArgs>),
+    /// Run a synthetic LLM engine (per dp rank) that publishes real FPM over ZeroMQ.
+    Sim(Box<commands::sim::SimArgs>),
 }
 
 /// Sets up logging to standard error: `info` by default, moved by `-v`/`-q`, overridden by
@@ -56,5 +60,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Decode(args) => commands::codec::decode(args),
         Command::Encode(args) => commands::codec::encode(args),
+        Command::Sim(args) => commands::sim::run(*args),
+        Command::Relay(args) => commands::relay::relay(*args),
     }
 }

@@ -14,14 +14,13 @@ pub enum Error {
     NoEndpoints,
     /// A ZeroMQ endpoint is malformed or cannot be connected to.
     #[error(
-        "ZeroMQ endpoint {endpoint:?} is not usable ({source}): use tcp://HOST:PORT or ipc:///path"
+        "ZeroMQ endpoint {endpoint:?} is not usable ({error}): use tcp://HOST:PORT or ipc:///path"
     )]
     Endpoint {
         /// The endpoint as given.
         endpoint: String,
         /// What libzmq said.
-        #[source]
-        source: zmq::Error,
+        error: zmq::Error,
     },
     /// The same ZeroMQ endpoint was given twice.
     #[error("ZeroMQ endpoint {0:?} is given more than once")]
@@ -47,22 +46,20 @@ pub enum Error {
     #[error("NATS: {0}")]
     Nats(String),
     /// The metrics address could not be bound.
-    #[error("cannot listen for /metrics on {addr} ({source}): pick another --metrics-addr")]
+    #[error("cannot listen for /metrics on {addr} ({error}): pick another --metrics-addr")]
     MetricsBind {
         /// The address.
         addr: String,
         /// The OS error.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The discovery record could not be written.
-    #[error("cannot write the discovery record under {dir} ({source}): check --discovery-dir / DYN_FILE_KV")]
+    #[error("cannot write the discovery record under {dir} ({error}): check --discovery-dir / DYN_FILE_KV")]
     Discovery {
         /// The discovery directory.
         dir: PathBuf,
         /// The OS error.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The configuration is inconsistent.
     #[error("invalid configuration: {0}")]

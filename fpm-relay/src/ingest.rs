@@ -129,9 +129,9 @@ pub(crate) fn connect(
         s.set_reconnect_ivl(100)?;
         s.set_reconnect_ivl_max(2_000)?;
         s.set_subscribe(b"")?;
-        s.connect(ep).map_err(|source| crate::Error::Endpoint {
+        s.connect(ep).map_err(|error| crate::Error::Endpoint {
             endpoint: ep.clone(),
-            source,
+            error,
         })?;
         debug!(endpoint = %ep, "ZeroMQ SUB connecting");
         out.push((ep.clone(), s));

@@ -178,16 +178,15 @@ impl Relay {
         let conn = Arc::new(Conn::default());
         let options = connect_options(&config.nats, &metrics, &conn).await?;
 
-        let listener =
-            match config.metrics_addr {
-                Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(
-                    |source| Error::MetricsBind {
-                        addr: addr.to_string(),
-                        source,
-                    },
-                )?),
-                None => None,
-            };
+        let listener = match config.metrics_addr {
+            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|error| {
+                Error::MetricsBind {
+                    addr: addr.to_string(),
+                    error,
+                }
+            })?),
+            None => None,
+        };
         let metrics_addr = listener.as_ref().and_then(|l| l.local_addr().ok());
 
         let ctx = zmq::Context::new();
@@ -197,9 +196,9 @@ impl Relay {
         let record = match &config.discovery_dir {
             Some(dir) => match discovery::record(dir, &subject, publisher_id) {
                 Some((path, json)) => {
-                    discovery::write_atomic(&path, &json).map_err(|source| Error::Discovery {
+                    discovery::write_atomic(&path, &json).map_err(|error| Error::Discovery {
                         dir: dir.clone(),
-                        source,
+                        error,
                     })?;
                     Some((path, json))
                 }

@@ -1,3 +1,5 @@
 //! One module per subcommand family.
 
 pub mod codec;
+pub mod relay;
+pub mod sim;

@@ -1,0 +1,323 @@
+//! `fpm relay`: engines' ZeroMQ PUB sockets → NATS, a drop-in for Dynamo's FpmEventRelay.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use fpm_relay::{BufferLimits, NatsAuth, Relay, RelayConfig, Scope};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+/// Subject layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ScopeArg {
+    /// `namespace.{ns}.component.{c}.endpoint.{e}.forward-pass-metrics` (Dynamo 1.6.1).
+    Endpoint,
+    /// `namespace.{ns}.component.{c}.forward-pass-metrics` (older Dynamo planners).
+    Component,
+}
+
+/// Arguments of `fpm relay`.
+#[derive(Debug, Args)]
+#[command(after_help = "\
+Engine endpoints (at least one way is required):
+  --zmq-endpoint tcp://127.0.0.1:20380 --zmq-endpoint ipc:///tmp/fpm.0   any PUB, repeated
+  --ipc-base ipc:///tmp/sglang_fpm --dp-ranks 0,1                       SGLang: {base}.{rank}
+  --tcp-port-base 20380 --dp-size 2                                     vLLM/Dynamo: port base+rank
+
+The relay may start before the engine and before NATS; it connects and reconnects by itself.
+SIGINT/SIGTERM: stop reading, flush to NATS within --shutdown-timeout, remove the discovery
+record, exit 0.")]
+pub struct RelayArgs {
+    /// An engine's ZeroMQ PUB endpoint to subscribe to (repeatable, or comma-separated).
+    #[arg(
+        long = "zmq-endpoint",
+        env = "FPM_ZMQ_ENDPOINTS",
+        value_delimiter = ',',
+        value_name = "URL"
+    )]
+    pub zmq_endpoints: Vec<String>,
+    /// SGLang-style ipc base: one PUB per data-parallel rank at `{base}.{rank}`.
+    #[arg(long, env = "FPM_IPC_BASE", value_name = "ipc://PATH")]
+    pub ipc_base: Option<String>,
+    /// Data-parallel ranks to read with --ipc-base.
+    #[arg(long, value_delimiter = ',', default_value = "0", value_name = "RANKS")]
+    pub dp_ranks: Vec<u32>,
+    /// vLLM-style base port (Dynamo's DYN_FORWARDPASS_METRIC_PORT, usually 20380): rank r is
+    /// read from tcp://{--tcp-host}:{base + r}.
+    #[arg(long, env = "DYN_FORWARDPASS_METRIC_PORT", value_name = "PORT")]
+    pub tcp_port_base: Option<u16>,
+    /// Number of data-parallel ranks with --tcp-port-base.
+    #[arg(long, default_value_t = 1)]
+    pub dp_size: u16,
+    /// Host the engine's tcp PUB sockets are on, with --tcp-port-base.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub tcp_host: String,
+
+    /// Dynamo namespace of the engine.
+    #[arg(long, env = "DYN_NAMESPACE", default_value = "dynamo")]
+    pub namespace: String,
+    /// Dynamo component of the engine.
+    #[arg(long, env = "DYN_COMPONENT", default_value = "backend")]
+    pub component: String,
+    /// Dynamo endpoint of the engine (not used with --scope component).
+    #[arg(long, env = "DYN_ENDPOINT", default_value = "generate")]
+    pub endpoint: String,
+    /// Subject layout: `endpoint` for Dynamo 1.6.1, `component` for older planners.
+    #[arg(long, value_enum, default_value = "endpoint")]
+    pub scope: ScopeArg,
+
+    /// NATS server URL(s), comma-separated. Falls back to $NATS_SERVER (Dynamo's variable),
+    /// then nats://127.0.0.1:4222.
+    #[arg(long, env = "NATS_URL", value_name = "URL")]
+    pub nats_url: Option<String>,
+    /// NATS user (with --nats-password).
+    #[arg(long, env = "NATS_USER", requires = "nats_password")]
+    pub nats_user: Option<String>,
+    /// NATS password (with --nats-user).
+    #[arg(
+        long,
+        env = "NATS_PASSWORD",
+        hide_env_values = true,
+        requires = "nats_user"
+    )]
+    pub nats_password: Option<String>,
+    /// NATS token.
+    #[arg(long, env = "NATS_TOKEN", hide_env_values = true, conflicts_with_all = ["nats_user", "nats_creds", "nats_nkey"])]
+    pub nats_token: Option<String>,
+    /// NATS credentials file (`.creds`: JWT and nkey seed).
+    #[arg(long, env = "NATS_CREDS", value_name = "FILE", conflicts_with_all = ["nats_user", "nats_nkey"])]
+    pub nats_creds: Option<PathBuf>,
+    /// NATS nkey seed: a file holding it, or the seed itself (`SU...`).
+    #[arg(
+        long,
+        env = "NATS_NKEY",
+        hide_env_values = true,
+        value_name = "FILE|SEED",
+        conflicts_with = "nats_user"
+    )]
+    pub nats_nkey: Option<String>,
+    /// CA certificate (PEM) to verify the NATS server; turns TLS on.
+    #[arg(long, env = "NATS_CA", value_name = "FILE")]
+    pub nats_tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS (with --nats-tls-key).
+    #[arg(
+        long,
+        env = "NATS_CERT",
+        value_name = "FILE",
+        requires = "nats_tls_key"
+    )]
+    pub nats_tls_cert: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS (with --nats-tls-cert).
+    #[arg(
+        long,
+        env = "NATS_KEY",
+        value_name = "FILE",
+        requires = "nats_tls_cert"
+    )]
+    pub nats_tls_key: Option<PathBuf>,
+    /// Require TLS even without certificates given.
+    #[arg(long)]
+    pub nats_tls: bool,
+
+    /// Most messages held while NATS is away; more are dropped and counted.
+    #[arg(long, env = "FPM_RELAY_BUFFER_MESSAGES", default_value_t = 100_000)]
+    pub buffer_messages: usize,
+    /// Most payload bytes held while NATS is away; more are dropped and counted.
+    #[arg(long, env = "FPM_RELAY_BUFFER_BYTES", default_value_t = 64 << 20)]
+    pub buffer_bytes: usize,
+    /// Largest FPM payload accepted, in bytes; larger ones are counted as invalid.
+    #[arg(long, env = "FPM_MAX_PAYLOAD_BYTES", default_value_t = fpm_schema::DEFAULT_MAX_SIZE)]
+    pub max_payload_bytes: usize,
+    /// How long one NATS publish may take before the message is dropped (e.g. 2s, 500ms).
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub publish_timeout: Duration,
+    /// How long shutdown may take to flush buffered messages to NATS (e.g. 5s).
+    #[arg(long, env = "FPM_RELAY_SHUTDOWN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+
+    /// Where to serve /metrics, /health and /live; `off` disables. Default:
+    /// 127.0.0.1:$DYN_SYSTEM_PORT when that is set, else 127.0.0.1:9091.
+    #[arg(long, env = "FPM_METRICS_ADDR", value_name = "ADDR|off")]
+    pub metrics_addr: Option<String>,
+    /// Dynamo file-discovery root: write the EventChannel record there (refreshed every 3 s,
+    /// removed on shutdown). Not needed by Dynamo's subscriber in recv or tracking mode.
+    #[arg(long, env = "DYN_FILE_KV", value_name = "DIR")]
+    pub discovery_dir: Option<PathBuf>,
+    /// ZeroMQ receive high-water mark per engine socket, in messages.
+    #[arg(long, default_value_t = 100_000)]
+    pub zmq_rcvhwm: i32,
+}
+
+/// Parses `5`, `5s`, `500ms`, `1.5s`, `2m`.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (s, 1.0)
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration: use e.g. 5s or 500ms"))?;
+    if !(v.is_finite() && v >= 0.0) {
+        return Err(format!("{s:?} is not a duration: use e.g. 5s or 500ms"));
+    }
+    Ok(Duration::from_secs_f64(v * mult))
+}
+
+impl RelayArgs {
+    /// Turns the arguments into a relay configuration.
+    ///
+    /// # Errors
+    /// A message saying which flag to fix.
+    pub fn to_config(&self) -> Result<RelayConfig> {
+        let mut endpoints = self.zmq_endpoints.clone();
+        if let Some(base) = &self.ipc_base {
+            endpoints.extend(fpm_relay::ipc_endpoints(base, &self.dp_ranks));
+        }
+        if let Some(port) = self.tcp_port_base {
+            if u32::from(port) + u32::from(self.dp_size) > 65536 || self.dp_size == 0 {
+                bail!(
+                    "--tcp-port-base {port} with --dp-size {} gives ports outside 1..65535",
+                    self.dp_size
+                );
+            }
+            endpoints.extend(fpm_relay::tcp_endpoints(&self.tcp_host, port, self.dp_size));
+        }
+        for e in &endpoints {
+            if !(e.starts_with("tcp://") || e.starts_with("ipc://") || e.starts_with("inproc://")) {
+                bail!("ZeroMQ endpoint {e:?} is not usable: use tcp://HOST:PORT or ipc:///path");
+            }
+        }
+        let mut c = RelayConfig::new(endpoints);
+        c.namespace.clone_from(&self.namespace);
+        c.component.clone_from(&self.component);
+        c.endpoint.clone_from(&self.endpoint);
+        c.scope = match self.scope {
+            ScopeArg::Endpoint => Scope::Endpoint,
+            ScopeArg::Component => Scope::Component,
+        };
+        c.nats.url = self
+            .nats_url
+            .clone()
+            .or_else(|| std::env::var("NATS_SERVER").ok().filter(|s| !s.is_empty()))
+            .unwrap_or_else(|| "nats://127.0.0.1:4222".into());
+        c.nats.auth = if let (Some(user), Some(password)) = (&self.nats_user, &self.nats_password) {
+            NatsAuth::UserPassword {
+                user: user.clone(),
+                password: password.clone(),
+            }
+        } else if let Some(t) = &self.nats_token {
+            NatsAuth::Token(t.clone())
+        } else if let Some(p) = &self.nats_creds {
+            NatsAuth::CredsFile(p.clone())
+        } else if let Some(n) = &self.nats_nkey {
+            let path = PathBuf::from(n);
+            let seed = if path.is_file() {
+                std::fs::read_to_string(&path)
+                    .with_context(|| format!("cannot read the nkey seed file {n:?}"))?
+                    .trim()
+                    .to_owned()
+            } else if n.starts_with("SU") {
+                n.clone()
+            } else {
+                bail!("--nats-nkey {n:?} is neither a file nor a user seed (SU...)");
+            };
+            NatsAuth::NkeySeed(seed)
+        } else {
+            NatsAuth::None
+        };
+        c.nats.tls_ca.clone_from(&self.nats_tls_ca);
+        c.nats.tls_client = self.nats_tls_cert.clone().zip(self.nats_tls_key.clone());
+        c.nats.require_tls = self.nats_tls;
+        c.buffer = BufferLimits {
+            max_messages: self.buffer_messages,
+            max_bytes: self.buffer_bytes,
+        };
+        c.max_payload = self.max_payload_bytes;
+        c.publish_timeout = self.publish_timeout;
+        c.shutdown_timeout = self.shutdown_timeout;
+        c.metrics_addr = match self.metrics_addr.as_deref() {
+            Some("off" | "none" | "") => None,
+            Some(a) => Some(a.parse::<SocketAddr>().with_context(|| {
+                format!("--metrics-addr {a:?} is not an address: use HOST:PORT, e.g. 127.0.0.1:9091, or off")
+            })?),
+            None => {
+                let port = match std::env::var("DYN_SYSTEM_PORT") {
+                    Ok(p) if !p.is_empty() => p
+                        .parse::<u16>()
+                        .with_context(|| format!("DYN_SYSTEM_PORT={p:?} is not a port"))?,
+                    _ => 9091,
+                };
+                Some(SocketAddr::from(([127, 0, 0, 1], port)))
+            }
+        };
+        c.discovery_dir = self
+            .discovery_dir
+            .clone()
+            .filter(|d| !d.as_os_str().is_empty());
+        c.zmq_rcvhwm = self.zmq_rcvhwm;
+        Ok(c)
+    }
+}
+
+/// Runs the relay until SIGINT or SIGTERM.
+///
+/// # Errors
+/// A startup error saying what to fix.
+pub fn relay(args: RelayArgs) -> Result<()> {
+    let config = args.to_config()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("fpm-relay")
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let relay = Relay::start(config, shutdown.clone()).await?;
+        wait_for_signal().await?;
+        info!("shutting down");
+        shutdown.cancel();
+        relay.wait().await;
+        Ok(())
+    })
+}
+
+async fn wait_for_signal() -> Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r.context("cannot handle SIGINT")?,
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c()
+        .await
+        .context("cannot handle Ctrl-C")?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("5").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert!(parse_duration("soon").is_err());
+    }
+}
