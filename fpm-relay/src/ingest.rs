@@ -127,7 +127,7 @@ pub(crate) fn connect(
         s.set_rcvhwm(rcvhwm)?;
         s.set_linger(0)?;
         s.set_reconnect_ivl(100)?;
-        s.set_reconnect_ivl_max(2_000)?;
+        s.set_reconnect_ivl_max(500)?;
         s.set_subscribe(b"")?;
         s.connect(ep).map_err(|error| crate::Error::Endpoint {
             endpoint: ep.clone(),

@@ -1,0 +1,797 @@
+//! Integration tests of the relay: real ZeroMQ sockets, a private `nats-server`, and (where
+//! the contract venv exists) Dynamo's own subscriber and SGLang's own publisher.
+
+mod common;
+
+mod relay {
+    use std::time::Duration;
+
+    use fpm_relay::{DropReason, InvalidReason, Scope};
+    use fpm_testkit::NatsServer;
+
+    use crate::common::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn multi_rank_relaying_is_byte_exact_and_in_order() {
+        let nats = NatsServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let base = fpm_testkit::ipc_base(dir.path(), "sgl");
+        let tcp_port = free_port();
+        let mut eps = fpm_relay::ipc_endpoints(&base, &[0, 1]);
+        eps.push(format!("tcp://127.0.0.1:{tcp_port}"));
+        let mut engines = [
+            Engine::bind(&eps[0]),
+            Engine::bind(&eps[1]),
+            Engine::bind(&format!("tcp://127.0.0.1:{tcp_port}")),
+        ];
+        let mut sub = subscribe(&nats.url(), SUBJECT).await;
+        let (relay, stop) = start(eps.clone(), &nats.url(), |_| {}).await;
+        for (i, e) in engines.iter_mut().enumerate() {
+            e.warm_up(&relay, &format!("rank{i}")).await;
+        }
+        let before = relay.stats().published;
+        let mut sent = Vec::new();
+        for n in 0..100 {
+            for (i, e) in engines.iter_mut().enumerate() {
+                let p = fpm(&format!("rank{i}"), i as i64, n);
+                e.send(&p);
+                sent.push(p);
+            }
+        }
+        let got = collect(
+            &mut sub,
+            before as usize + sent.len(),
+            Duration::from_secs(10),
+        )
+        .await;
+        let got: Vec<_> = got.into_iter().skip(before as usize).collect();
+        assert_eq!(got.len(), sent.len());
+        // Per rank, the payloads arrive unchanged and in order.
+        for rank in 0..3 {
+            let want: Vec<_> = sent.iter().skip(rank).step_by(3).cloned().collect();
+            let have: Vec<_> = got
+                .iter()
+                .filter(|m| fpm_schema::peek_key(&m.payload).unwrap().dp_rank == rank as i64)
+                .map(|m| m.payload.clone())
+                .collect();
+            assert_eq!(have, want, "rank {rank}");
+        }
+        // Envelope: one publisher id, sequence from 0 without holes, topic, ms timestamps.
+        let all = collect_all_envelopes(&got);
+        let now_ms = now_ms();
+        for (i, e) in all.iter().enumerate() {
+            assert_eq!(e.0, relay.publisher_id());
+            assert_eq!(e.1, before + i as u64);
+            assert!(e.2 <= now_ms && e.2 > now_ms - 60_000, "published_at in ms");
+        }
+        assert!(relay.publisher_id() < 1 << 53);
+        stop.cancel();
+        let s = relay.wait().await;
+        assert_eq!(s.received, s.published, "{s:?}");
+        assert_eq!(
+            s.invalid.total() + s.dropped.total() + s.counter_gaps,
+            0,
+            "{s:?}"
+        );
+        assert_eq!(s.counter_resets, 0);
+        assert_eq!(s.buffered, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn engine_started_after_relay_and_restarted() {
+        let nats = NatsServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let ep = fpm_testkit::ipc_base(dir.path(), "late") + ".0";
+        let mut sub = subscribe(&nats.url(), SUBJECT).await;
+        let (relay, stop) = start(vec![ep.clone()], &nats.url(), |_| {}).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        // The engine binds after the relay connected: the SUB picks it up by itself.
+        let mut engine = Engine::bind(&ep);
+        engine.warm_up(&relay, "w").await;
+        let n1 = relay.stats().received;
+        for _ in 0..20 {
+            engine.send_next("w");
+        }
+        engine.skip(5); // lost upstream: a gap of 5
+        for _ in 0..10 {
+            engine.send_next("w");
+        }
+        wait_for(Duration::from_secs(5), || {
+            relay.stats().published == n1 + 30
+        })
+        .await;
+        drop(engine);
+
+        // The engine restarts on the same endpoint, counting from 0 again.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut engine = Engine::bind(&ep);
+        engine.warm_up(&relay, "w").await;
+        let n2 = relay.stats().received;
+        for _ in 0..20 {
+            engine.send_next("w");
+        }
+        wait_for(Duration::from_secs(5), || {
+            relay.stats().published == n2 + 20
+        })
+        .await;
+        let s = relay.stats();
+        assert_eq!(s.counter_gaps, 5, "{s:?}");
+        assert_eq!(s.counter_resets, 1, "{s:?}");
+        let got = collect(&mut sub, s.published as usize, Duration::from_secs(5)).await;
+        assert_eq!(got.len() as u64, s.published);
+        stop.cancel();
+        let s = relay.wait().await;
+        assert_eq!(s.received, s.published, "{s:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn invalid_messages_are_counted_and_good_ones_delivered() {
+        let nats = NatsServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let ep = fpm_testkit::ipc_base(dir.path(), "bad") + ".0";
+        let mut engine = Engine::bind(&ep);
+        let mut sub = subscribe(&nats.url(), SUBJECT).await;
+        let (relay, stop) = start(vec![ep.clone()], &nats.url(), |c| c.max_payload = 2048).await;
+        engine.warm_up(&relay, "good").await;
+        let before = relay.stats().published as usize;
+
+        let v2 = fpm_schema::encode(&fpm_schema::ForwardPassMetrics {
+            version: 2,
+            ..Default::default()
+        });
+        let big = fpm_schema::encode(&fpm_schema::ForwardPassMetrics {
+            worker_id: "x".repeat(3000),
+            ..Default::default()
+        });
+        let ctr = 7u64.to_be_bytes().to_vec();
+        let bad: Vec<(InvalidReason, Vec<Vec<u8>>)> = vec![
+            (InvalidReason::FrameCount, vec![vec![], ctr.clone()]),
+            (
+                InvalidReason::FrameCount,
+                vec![vec![], ctr.clone(), fpm("good", 0, 1), vec![]],
+            ),
+            (InvalidReason::FrameCount, vec![fpm("good", 0, 1)]),
+            (
+                InvalidReason::TopicFrame,
+                vec![b"topic".to_vec(), ctr.clone(), fpm("good", 0, 1)],
+            ),
+            (
+                InvalidReason::CounterFrame,
+                vec![vec![], vec![0, 0, 0, 7], fpm("good", 0, 1)],
+            ),
+            (InvalidReason::TooLarge, vec![vec![], ctr.clone(), big]),
+            (
+                InvalidReason::Undecodable,
+                vec![vec![], ctr.clone(), b"garbage-not-fpm".to_vec()],
+            ),
+            (
+                InvalidReason::Undecodable,
+                vec![vec![], ctr.clone(), vec![0xc1; 16]],
+            ),
+            (
+                InvalidReason::Undecodable,
+                vec![vec![], ctr.clone(), vec![]],
+            ),
+            (
+                InvalidReason::UnsupportedVersion,
+                vec![vec![], ctr.clone(), v2],
+            ),
+        ];
+        let mut good = Vec::new();
+        for round in 0..3 {
+            for (i, (_, frames)) in bad.iter().enumerate() {
+                engine.send_frames(frames);
+                let p = fpm("good", 0, (round * 100 + i) as i64);
+                engine.send(&p);
+                good.push(p);
+            }
+        }
+        let got = collect(&mut sub, before + good.len(), Duration::from_secs(10)).await;
+        let got: Vec<_> = got.into_iter().skip(before).map(|m| m.payload).collect();
+        assert_eq!(got, good, "every good message, unchanged, in order");
+        stop.cancel();
+        let s = relay.wait().await;
+        for reason in InvalidReason::ALL {
+            let want = 3 * bad.iter().filter(|(r, _)| *r == reason).count() as u64;
+            assert_eq!(s.invalid(reason), want, "{reason:?}: {s:?}");
+        }
+        assert_eq!(s.received, s.invalid.total() + s.published, "{s:?}");
+        let text = String::new() + &format!("{s:?}");
+        assert!(!text.is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nats_outage_buffers_delivers_and_counts_overflow() {
+        let mut nats = NatsServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let ep = fpm_testkit::ipc_base(dir.path(), "outage") + ".0";
+        let mut engine = Engine::bind(&ep);
+        let mut sub = subscribe(&nats.url(), SUBJECT).await;
+        let (relay, stop) = start(vec![ep.clone()], &nats.url(), |c| {
+            c.buffer.max_messages = 50;
+        })
+        .await;
+        engine.warm_up(&relay, "w").await;
+        let pre = relay.stats().received;
+        for _ in 0..20 {
+            engine.send_next("w");
+        }
+        wait_for(Duration::from_secs(5), || {
+            relay.stats().published == pre + 20
+        })
+        .await;
+        let pre_published = relay.stats().published;
+        let got = collect(&mut sub, pre_published as usize, Duration::from_secs(5)).await;
+        assert_eq!(got.len() as u64, pre_published);
+        drop(sub);
+
+        nats.stop();
+        wait_for(Duration::from_secs(5), || !relay.stats().nats_connected).await;
+        for _ in 0..120 {
+            engine.send_next("w");
+        }
+        wait_for(Duration::from_secs(5), || {
+            relay.stats().received == pre + 140
+        })
+        .await;
+        let s = relay.stats();
+        assert_eq!(s.buffered, 50, "{s:?}");
+        assert_eq!(s.dropped(DropReason::BufferFull), 70, "{s:?}");
+        assert_eq!(s.published, pre_published);
+
+        nats.restart();
+        let mut sub = subscribe(&nats.url(), SUBJECT).await;
+        // If the relay reconnected before this subscription existed, what it published in
+        // between is gone (core NATS); only count from what it had published by now.
+        let published_when_subscribed = relay.stats().published;
+        wait_for(Duration::from_secs(10), || {
+            relay.stats().published == pre_published + 50
+        })
+        .await;
+        let want = (pre_published + 50 - published_when_subscribed) as usize;
+        let got = collect(&mut sub, want, Duration::from_secs(5)).await;
+        assert_eq!(got.len(), want);
+        let seqs: Vec<u64> = collect_all_envelopes(&got).iter().map(|e| e.1).collect();
+        let first = published_when_subscribed;
+        assert_eq!(seqs, (first..pre_published + 50).collect::<Vec<_>>());
+        let s = relay.stats();
+        assert!(s.nats_connected);
+        assert_eq!(s.nats_reconnects, 1, "{s:?}");
+
+        stop.cancel();
+        let s = relay.wait().await;
+        assert_eq!(s.received, s.published + s.dropped.total(), "{s:?}");
+        assert_eq!(s.dropped.total(), 70);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_within_timeout_counts_unflushed_and_removes_record() {
+        let mut nats = NatsServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let kv = tempfile::tempdir().unwrap();
+        let ep = fpm_testkit::ipc_base(dir.path(), "shut") + ".0";
+        let mut engine = Engine::bind(&ep);
+        let (relay, stop) = start(vec![ep.clone()], &nats.url(), |c| {
+            c.namespace = "fpm-test".into();
+            c.component = "wor_ker".into();
+            c.discovery_dir = Some(kv.path().to_path_buf());
+            c.shutdown_timeout = Duration::from_millis(700);
+            c.publisher_id = Some(867563565198844);
+        })
+        .await;
+        let record = relay.discovery_record().unwrap().to_path_buf();
+        assert_eq!(
+            record,
+            kv.path().join("v1/event_channels/namespace%2Ffpm%2Dtest%2Fcomponent%2Fwor%5Fker%2Fendpoint%2Fgenerate%2Ftopic%2Fforward%2Dpass%2Dmetrics%2F3150b621fadfc")
+        );
+        assert_eq!(
+            std::fs::read_to_string(&record).unwrap(),
+            r#"{"type":"EventChannel","scope":{"kind":"endpoint","endpoint":{"namespace":"fpm-test","component":"wor_ker","name":"generate"}},"topic":"forward-pass-metrics","instance_id":867563565198844,"transport":{"kind":"Nats","config":{"subject_prefix":"namespace.fpm-test.component.wor_ker.endpoint.generate"}}}"#
+        );
+        engine
+            .warm_up_with(
+                &relay,
+                "w",
+                "namespace.fpm-test.component.wor_ker.endpoint.generate.forward-pass-metrics",
+            )
+            .await;
+        nats.stop();
+        wait_for(Duration::from_secs(5), || !relay.stats().nats_connected).await;
+        for _ in 0..10 {
+            engine.send_next("w");
+        }
+        wait_for(Duration::from_secs(5), || relay.stats().buffered == 10).await;
+        let t = std::time::Instant::now();
+        stop.cancel();
+        let s = tokio::time::timeout(Duration::from_secs(5), relay.wait())
+            .await
+            .expect("stops in time");
+        assert!(
+            t.elapsed() < Duration::from_millis(2500),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(s.dropped(DropReason::Shutdown), 10, "{s:?}");
+        assert_eq!(s.received, s.published + s.dropped.total());
+        assert!(!record.exists(), "record removed on shutdown");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn metrics_health_and_live_endpoints() {
+        let mut nats = NatsServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let ep = fpm_testkit::ipc_base(dir.path(), "m") + ".0";
+        let mut engine = Engine::bind(&ep);
+        let (relay, stop) = start(vec![ep.clone()], &nats.url(), |c| {
+            c.metrics_addr = Some("127.0.0.1:0".parse().unwrap());
+        })
+        .await;
+        let addr = relay.metrics_addr().unwrap();
+        engine.warm_up(&relay, "w").await;
+        engine.send_frames(&[vec![1]]);
+        wait_for(Duration::from_secs(5), || {
+            relay.stats().invalid.total() == 1
+        })
+        .await;
+
+        let (code, body) = http_get(addr, "/metrics").await;
+        assert_eq!(code, 200);
+        for line in [
+            "fpm_relay_received_messages_total ",
+            "fpm_relay_published_messages_total ",
+            "fpm_relay_dropped_messages_total{reason=\"buffer_full\"} 0",
+            "fpm_relay_dropped_messages_total{reason=\"shutdown\"} 0",
+            "fpm_relay_invalid_messages_total{reason=\"frame_count\"} 1",
+            "fpm_relay_invalid_messages_total{reason=\"unsupported_version\"} 0",
+            "fpm_relay_counter_gap_messages_total 0",
+            "fpm_relay_counter_resets_total 0",
+            "fpm_relay_buffered_messages 0",
+            "fpm_relay_buffered_bytes 0",
+            "fpm_relay_nats_connected 1",
+            "fpm_relay_nats_reconnects_total 0",
+            "fpm_relay_publish_latency_seconds_count ",
+            "fpm_relay_publish_latency_seconds_bucket{le=",
+            "# EOF",
+        ] {
+            assert!(body.contains(line), "missing {line:?} in\n{body}");
+        }
+        let s = relay.stats();
+        assert!(body.contains(&format!(
+            "fpm_relay_received_messages_total {}\n",
+            s.received
+        )));
+        assert_eq!(http_get(addr, "/health").await.0, 200);
+        assert_eq!(http_get(addr, "/live").await.0, 200);
+        assert_eq!(http_get(addr, "/nope").await.0, 404);
+        nats.stop();
+        wait_for(Duration::from_secs(5), || !relay.stats().nats_connected).await;
+        let (code, body) = http_get(addr, "/health").await;
+        assert_eq!(code, 503, "{body}");
+        assert_eq!(http_get(addr, "/live").await.0, 200);
+        assert!(http_get(addr, "/metrics")
+            .await
+            .1
+            .contains("fpm_relay_nats_connected 0"));
+        stop.cancel();
+        relay.wait().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn component_scope_and_startup_errors() {
+        let nats = NatsServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let ep = fpm_testkit::ipc_base(dir.path(), "c") + ".0";
+        let mut engine = Engine::bind(&ep);
+        let subj = "namespace.ns.component.comp.forward-pass-metrics";
+        let (relay, stop) = start(vec![ep.clone()], &nats.url(), |c| {
+            c.scope = Scope::Component;
+            c.namespace = "ns".into();
+            c.component = "comp".into();
+        })
+        .await;
+        assert_eq!(relay.subject(), subj);
+        engine.warm_up_with(&relay, "w", subj).await;
+        stop.cancel();
+        relay.wait().await;
+
+        let token = tokio_util::sync::CancellationToken::new();
+        let cfg = |f: &dyn Fn(&mut fpm_relay::RelayConfig)| {
+            let mut c = fpm_relay::RelayConfig::new(vec![ep.clone()]);
+            c.nats.url = nats.url();
+            f(&mut c);
+            c
+        };
+        let err = |c| {
+            let token = token.clone();
+            async move {
+                fpm_relay::Relay::start(c, token)
+                    .await
+                    .expect_err("must fail")
+                    .to_string()
+            }
+        };
+        assert!(err(cfg(&|c| c.zmq_endpoints.clear()))
+            .await
+            .contains("--zmq-endpoint"));
+        assert!(err(cfg(&|c| c.zmq_endpoints = vec!["bogus".into()]))
+            .await
+            .contains("\"bogus\""));
+        assert!(
+            err(cfg(&|c| c.zmq_endpoints.push(c.zmq_endpoints[0].clone())))
+                .await
+                .contains("more than once")
+        );
+        assert!(err(cfg(&|c| c.nats.url = "nats://a b".into()))
+            .await
+            .contains("NATS URL"));
+        assert!(err(cfg(&|c| c.component = "a.b".into()))
+            .await
+            .contains("component"));
+        assert!(err(cfg(
+            &|c| c.nats.auth = fpm_relay::NatsAuth::CredsFile("/nonexistent.creds".into())
+        ))
+        .await
+        .contains("creds"));
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = taken.local_addr().unwrap();
+        assert!(err(cfg(&|c| c.metrics_addr = Some(a)))
+            .await
+            .contains("--metrics-addr"));
+    }
+}
+
+mod dynamo {
+    //! Drop-in checks against the real upstream packages (contract venv).
+    use std::time::Duration;
+
+    use fpm_testkit::NatsServer;
+
+    use crate::common::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dynamo_subscriber_recv_mode_receives_everything() {
+        let Some(py) = fpm_testkit::python() else {
+            return;
+        };
+        let nats = NatsServer::start();
+        let kv = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let ep = fpm_testkit::ipc_base(dir.path(), "recv") + ".0";
+        let mut engine = Engine::bind(&ep);
+        let (relay, stop) = start(vec![ep.clone()], &nats.url(), |c| {
+            c.discovery_dir = Some(kv.path().to_path_buf());
+        })
+        .await;
+        engine.warm_up(&relay, "warm").await;
+        let n = 200;
+        let mut peer = Peer::spawn(
+            &py,
+            &["subscribe", "--count", &n.to_string(), "--timeout", "40"],
+            &nats.url(),
+            kv.path(),
+        );
+        peer.wait_for(Duration::from_secs(30), |v| v.get("ready").is_some());
+        let mut sent = Vec::new();
+        for i in 0..n {
+            let p = fpm(&format!("worker-{}", i % 3), i % 2, i);
+            engine.send(&p);
+            sent.push(hex(&p));
+        }
+        let lines = peer.collect(n as usize, Duration::from_secs(30), |v| {
+            v.get("hex").is_some()
+        });
+        let got: Vec<String> = lines
+            .iter()
+            .map(|v| v["hex"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(
+            got, sent,
+            "Dynamo's subscriber gets every payload, unchanged, in order"
+        );
+        let decoded = &lines[5]["decoded"];
+        assert_eq!(decoded["worker_id"], "worker-2");
+        assert_eq!(decoded["counter_id"], 5);
+        assert!(relay.discovery_record().unwrap().exists());
+        stop.cancel();
+        let s = relay.wait().await;
+        assert_eq!(s.received, s.published);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dynamo_subscriber_tracking_mode_tracks_each_rank() {
+        let Some(py) = fpm_testkit::python() else {
+            return;
+        };
+        let nats = NatsServer::start();
+        let kv = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let base = fpm_testkit::ipc_base(dir.path(), "track");
+        let eps = fpm_relay::ipc_endpoints(&base, &[0, 1]);
+        let mut engines = [Engine::bind(&eps[0]), Engine::bind(&eps[1])];
+        let (relay, stop) = start(eps.clone(), &nats.url(), |c| {
+            c.discovery_dir = Some(kv.path().to_path_buf());
+        })
+        .await;
+        for e in engines.iter_mut() {
+            e.warm_up(&relay, "warm").await;
+        }
+        let mut peer = Peer::spawn(
+            &py,
+            &[
+                "track",
+                "--count-workers",
+                "2",
+                "--until-counter",
+                "30",
+                "--timeout",
+                "40",
+            ],
+            &nats.url(),
+            kv.path(),
+        );
+        let wid = peer.wait_for(Duration::from_secs(30), |v| v.get("worker_id").is_some())
+            ["worker_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        peer.wait_for(Duration::from_secs(30), |v| v.get("ready").is_some());
+        for i in 0..=30 {
+            for (rank, e) in engines.iter_mut().enumerate() {
+                e.send(&fpm(&wid, rank as i64, i));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let summary = peer.wait_for(Duration::from_secs(30), |v| v.get("summary").is_some());
+        assert_eq!(summary["summary"]["done"], true, "{summary}");
+        let last = peer
+            .seen()
+            .iter()
+            .rev()
+            .find(|v| v.get("stats").is_some())
+            .cloned()
+            .expect("stats lines");
+        let rows = last["stats"].as_array().unwrap();
+        let keys: Vec<(String, i64, i64)> = rows
+            .iter()
+            .map(|r| {
+                (
+                    r["worker_id"].as_str().unwrap().to_owned(),
+                    r["dp_rank"].as_i64().unwrap(),
+                    r["counter_id"].as_i64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(keys, vec![(wid.clone(), 0, 30), (wid.clone(), 1, 30)]);
+        assert_eq!(rows[1]["hex"].as_str().unwrap(), hex(&fpm(&wid, 1, 30)));
+        stop.cancel();
+        relay.wait().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sglang_publisher_through_relay_to_dynamo() {
+        let Some(py) = fpm_testkit::python() else {
+            return;
+        };
+        let nats = NatsServer::start();
+        let kv = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let base = fpm_testkit::ipc_base(dir.path(), "sglang");
+        let eps = fpm_relay::ipc_endpoints(&base, &[0]);
+        // The relay starts first, as in a deployment; SGLang binds later.
+        let (relay, stop) = start(eps.clone(), &nats.url(), |_| {}).await;
+        let n = 50;
+        let mut sub = Peer::spawn(
+            &py,
+            &["subscribe", "--count", &n.to_string(), "--timeout", "40"],
+            &nats.url(),
+            kv.path(),
+        );
+        sub.wait_for(Duration::from_secs(30), |v| v.get("ready").is_some());
+        let mut publisher = Peer::spawn(
+            &py,
+            &[
+                "sglang-publish",
+                "--endpoint",
+                &eps[0],
+                "--worker-id",
+                "sgl-0",
+                "--dp-rank",
+                "0",
+                "--count",
+                &n.to_string(),
+                "--interval",
+                "0.002",
+            ],
+            &nats.url(),
+            kv.path(),
+        );
+        let lines = sub.collect(n as usize, Duration::from_secs(30), |v| {
+            v.get("hex").is_some()
+        });
+        publisher.wait_for(Duration::from_secs(20), |v| v.get("summary").is_some());
+        let counters: Vec<i64> = lines
+            .iter()
+            .map(|v| v["decoded"]["counter_id"].as_i64().unwrap())
+            .collect();
+        assert_eq!(
+            counters,
+            (0..n).collect::<Vec<_>>(),
+            "SGLang counts from 0, none lost"
+        );
+        assert!(lines.iter().all(|v| v["decoded"]["worker_id"] == "sgl-0"));
+        stop.cancel();
+        let s = relay.wait().await;
+        assert_eq!(
+            (s.received, s.published, s.counter_gaps),
+            (n as u64, n as u64, 0),
+            "{s:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn vllm_style_tcp_publishers_through_relay_to_dynamo() {
+        let Some(py) = fpm_testkit::python() else {
+            return;
+        };
+        let nats = NatsServer::start();
+        let kv = tempfile::tempdir().unwrap();
+        let port = free_port_pair();
+        let eps = fpm_relay::tcp_endpoints("127.0.0.1", port, 2);
+        let (relay, stop) = start(eps, &nats.url(), |_| {}).await;
+        let n = 40;
+        let mut sub = Peer::spawn(
+            &py,
+            &[
+                "subscribe",
+                "--count",
+                &(2 * n).to_string(),
+                "--timeout",
+                "40",
+            ],
+            &nats.url(),
+            kv.path(),
+        );
+        sub.wait_for(Duration::from_secs(30), |v| v.get("ready").is_some());
+        let mut pubs: Vec<Peer> = (0..2)
+            .map(|rank: i32| {
+                Peer::spawn(
+                    &py,
+                    &[
+                        "vllm-publish",
+                        "--port-base",
+                        &port.to_string(),
+                        "--dp-rank",
+                        &rank.to_string(),
+                        "--worker-id",
+                        "vllm-w",
+                        "--count",
+                        &n.to_string(),
+                        "--interval",
+                        "0.002",
+                    ],
+                    &nats.url(),
+                    kv.path(),
+                )
+            })
+            .collect();
+        let lines = sub.collect(2 * n as usize, Duration::from_secs(30), |v| {
+            v.get("hex").is_some()
+        });
+        for p in pubs.iter_mut() {
+            p.wait_for(Duration::from_secs(20), |v| v.get("summary").is_some());
+        }
+        for rank in 0..2 {
+            let counters: Vec<i64> = lines
+                .iter()
+                .filter(|v| v["decoded"]["dp_rank"] == rank)
+                .map(|v| v["decoded"]["counter_id"].as_i64().unwrap())
+                .collect();
+            assert_eq!(
+                counters,
+                (1..=n).collect::<Vec<_>>(),
+                "rank {rank}: Dynamo counts from 1"
+            );
+        }
+        stop.cancel();
+        let s = relay.wait().await;
+        assert_eq!(
+            (s.received, s.published, s.counter_gaps),
+            (2 * n as u64, 2 * n as u64, 0),
+            "{s:?}"
+        );
+    }
+}
+
+mod bench {
+    //! A first throughput / latency figure (not a regression gate):
+    //! `cargo test -p fpm-relay --release --test tests -- --ignored --nocapture bench`
+    use std::time::{Duration, Instant};
+
+    use fpm_testkit::NatsServer;
+
+    use crate::common::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "measurement, run by hand"]
+    async fn bench_relay_throughput_and_latency() {
+        let nats = NatsServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let ep = fpm_testkit::ipc_base(dir.path(), "bench") + ".0";
+        let mut engine = Engine::bind(&ep);
+        let mut sub = subscribe(&nats.url(), SUBJECT).await;
+        let (relay, stop) = start(vec![ep.clone()], &nats.url(), |_| {}).await;
+        engine.warm_up(&relay, "w").await;
+        let before = relay.stats().published as usize;
+        let _ = collect(&mut sub, before, Duration::from_secs(5)).await;
+        let n = 200_000usize;
+        let payload = fpm("worker-bench-0", 0, 12345);
+        let t = Instant::now();
+        for _ in 0..n {
+            engine.send(&payload);
+        }
+        let send = t.elapsed();
+        let got = collect(&mut sub, n, Duration::from_secs(60)).await;
+        let total = t.elapsed();
+        assert_eq!(got.len(), n);
+        let text = relay.metrics_text();
+        stop.cancel();
+        let s = relay.wait().await;
+        println!(
+            "relay bench: {n} x {} B payloads: sender {:.0} msg/s, end-to-end {:.0} msg/s ({:.2} s); received {} published {} dropped {}",
+            payload.len(),
+            n as f64 / send.as_secs_f64(),
+            n as f64 / total.as_secs_f64(),
+            total.as_secs_f64(),
+            s.received,
+            s.published,
+            s.dropped.total()
+        );
+        // Paced run: added latency (ZeroMQ receive -> NATS publish handed to the client) and
+        // ZeroMQ send -> NATS subscriber receive, at 1 kHz.
+        let _ = text;
+        println!("{}", latency_run().await);
+    }
+
+    async fn latency_run() -> String {
+        let nats = NatsServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let ep = fpm_testkit::ipc_base(dir.path(), "lat") + ".0";
+        let mut engine = Engine::bind(&ep);
+        let mut sub = subscribe(&nats.url(), SUBJECT).await;
+        let (relay, stop) = start(vec![ep.clone()], &nats.url(), |_| {}).await;
+        engine.warm_up(&relay, "w").await;
+        let before = relay.stats().published as usize;
+        let _ = collect(&mut sub, before, Duration::from_secs(5)).await;
+        let mut e2e = Vec::new();
+        for i in 0..2000 {
+            let t = Instant::now();
+            engine.send(&fpm("w", 0, i));
+            let m = collect(&mut sub, 1, Duration::from_secs(5)).await;
+            assert_eq!(m.len(), 1);
+            e2e.push(t.elapsed());
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        e2e.sort();
+        let text = relay.metrics_text();
+        stop.cancel();
+        relay.wait().await;
+        let sum: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("fpm_relay_publish_latency_seconds_sum "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(f64::NAN);
+        let count: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("fpm_relay_publish_latency_seconds_count "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(f64::NAN);
+        format!(
+            "relay latency (2000 msgs, paced): ZMQ send -> NATS subscriber p50 {:?} p99 {:?} max {:?}; in-relay receive->publish mean {:.1} us",
+            e2e[e2e.len() / 2],
+            e2e[e2e.len() * 99 / 100],
+            e2e[e2e.len() - 1],
+            sum / count * 1e6
+        )
+    }
+}
