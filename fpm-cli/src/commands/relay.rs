@@ -320,4 +320,121 @@ mod tests {
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
         assert!(parse_duration("soon").is_err());
     }
+
+    fn args(extra: &[&str]) -> Result<RelayArgs, clap::Error> {
+        use clap::Parser;
+        let mut argv = vec!["fpm", "relay"];
+        argv.extend_from_slice(extra);
+        match crate::Cli::try_parse_from(argv)?.command {
+            crate::Command::Relay(a) => Ok(*a),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn endpoint_layouts_and_names() {
+        let a = args(&[
+            "--zmq-endpoint",
+            "tcp://10.0.0.1:5555",
+            "--ipc-base",
+            "ipc:///tmp/sgl",
+            "--dp-ranks",
+            "0,3",
+            "--tcp-port-base",
+            "20380",
+            "--dp-size",
+            "2",
+            "--namespace",
+            "ns",
+            "--component",
+            "c",
+            "--endpoint",
+            "e",
+            "--scope",
+            "component",
+            "--nats-url",
+            "nats://n:4222",
+            "--metrics-addr",
+            "off",
+            "--buffer-messages",
+            "10",
+            "--buffer-bytes",
+            "1000",
+            "--shutdown-timeout",
+            "750ms",
+        ])
+        .unwrap();
+        let c = a.to_config().unwrap();
+        assert_eq!(
+            c.zmq_endpoints,
+            [
+                "tcp://10.0.0.1:5555",
+                "ipc:///tmp/sgl.0",
+                "ipc:///tmp/sgl.3",
+                "tcp://127.0.0.1:20380",
+                "tcp://127.0.0.1:20381"
+            ]
+        );
+        assert_eq!(
+            (
+                c.namespace.as_str(),
+                c.component.as_str(),
+                c.endpoint.as_str()
+            ),
+            ("ns", "c", "e")
+        );
+        assert_eq!(c.scope, Scope::Component);
+        assert_eq!(c.nats.url, "nats://n:4222");
+        assert_eq!(c.metrics_addr, None);
+        assert_eq!(
+            c.buffer,
+            BufferLimits {
+                max_messages: 10,
+                max_bytes: 1000
+            }
+        );
+        assert_eq!(c.shutdown_timeout, Duration::from_millis(750));
+    }
+
+    #[test]
+    fn bad_values_say_what_to_fix() {
+        let e = args(&["--zmq-endpoint", "localhost:5555"])
+            .unwrap()
+            .to_config()
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("tcp://HOST:PORT"), "{e:#}");
+        let e = args(&["--zmq-endpoint", "tcp://h:1", "--metrics-addr", "nine"])
+            .unwrap()
+            .to_config()
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("--metrics-addr"), "{e:#}");
+        let e = args(&["--tcp-port-base", "65535", "--dp-size", "2"])
+            .unwrap()
+            .to_config()
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("--dp-size"), "{e:#}");
+        let e = args(&["--zmq-endpoint", "tcp://h:1", "--nats-nkey", "not-a-seed"])
+            .unwrap()
+            .to_config()
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("seed"), "{e:#}");
+        assert!(
+            args(&["--nats-user", "u"]).is_err(),
+            "user needs a password"
+        );
+        assert!(args(&["--scope", "galaxy"]).is_err());
+        let a = args(&[
+            "--zmq-endpoint",
+            "tcp://h:1",
+            "--nats-user",
+            "u",
+            "--nats-password",
+            "p",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .unwrap();
+        let c = a.to_config().unwrap();
+        assert_eq!(format!("{:?}", c.nats.auth), "UserPassword(\"u\", ***)");
+    }
 }
