@@ -77,6 +77,15 @@ impl Buffer {
         Some(item)
     }
 
+    /// Whether nothing is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .items
+            .is_empty()
+    }
+
     /// Empties the buffer, returning how many messages it held.
     pub fn clear(&self) -> u64 {
         let mut n = 0;

@@ -1,7 +1,7 @@
 //! The NATS side: one task takes messages from the buffer and publishes them, wrapped in
 //! Dynamo's envelope, while the connection is up.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -22,6 +22,7 @@ pub(crate) struct Conn {
     /// Woken on every connect and disconnect.
     pub changed: Notify,
     ever_connected: AtomicBool,
+    last_error_log: AtomicU64,
 }
 
 impl Conn {
@@ -39,6 +40,17 @@ impl Conn {
             async_nats::Event::Disconnected => {
                 metrics.connected.set(0);
                 warn!("NATS connection lost; buffering until it is back");
+            }
+            async_nats::Event::ServerError(_) | async_nats::Event::ClientError(_) => {
+                // Auth or TLS failures repeat on every reconnect attempt: warn every 10 s.
+                let now = unix_ms();
+                let last = self.last_error_log.load(Ordering::Relaxed);
+                if now.saturating_sub(last) >= 10_000 {
+                    self.last_error_log.store(now, Ordering::Relaxed);
+                    warn!(error = %event, "NATS error (retrying; logged at most every 10 s)");
+                } else {
+                    debug!(error = %event, "NATS error");
+                }
             }
             other => debug!(event = %other, "NATS event"),
         }
@@ -134,7 +146,7 @@ impl Publisher {
     pub async fn drain(&mut self, deadline: Instant) {
         loop {
             let now = Instant::now();
-            if now >= deadline {
+            if now >= deadline || self.buffer.is_empty() {
                 break;
             }
             if !self.connected() {

@@ -210,10 +210,15 @@ impl Relay {
             None => None,
         };
 
-        let client = options
-            .connect(servers)
-            .await
-            .map_err(|e| Error::Nats(e.to_string()))?;
+        let client = match options.connect(servers).await {
+            Ok(c) => c,
+            Err(e) => {
+                if let Some((p, _)) = &record {
+                    let _ = std::fs::remove_file(p);
+                }
+                return Err(Error::Nats(e.to_string()));
+            }
+        };
 
         let buffer = Arc::new(Buffer::new(config.buffer, metrics.clone()));
         let (done_tx, done_rx) = oneshot::channel::<()>();

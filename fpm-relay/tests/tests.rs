@@ -441,6 +441,81 @@ mod relay {
     }
 }
 
+mod auth {
+    //! Credentials and TLS against nats-servers configured for them.
+    use std::time::Duration;
+
+    use fpm_relay::{NatsAuth, Relay, RelayConfig};
+    use tokio_util::sync::CancellationToken;
+
+    use crate::common::*;
+
+    async fn connects(port: u16, scheme: &str, f: impl FnOnce(&mut RelayConfig)) -> bool {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = RelayConfig::new(vec![fpm_testkit::ipc_base(dir.path(), "a") + ".0"]);
+        c.nats.url = format!("{scheme}://127.0.0.1:{port}");
+        f(&mut c);
+        let token = CancellationToken::new();
+        let relay = Relay::start(c, token.clone()).await.expect("starts");
+        let deadline = std::time::Instant::now() + Duration::from_millis(1500);
+        let mut ok = false;
+        while std::time::Instant::now() < deadline && !ok {
+            ok = relay.stats().nats_connected;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        token.cancel();
+        relay.wait().await;
+        ok
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn user_password_and_token() {
+        let s = CustomNats::start(&["--user", "relay", "--pass", "s3cret"]);
+        let up = |user: &str, password: &str| NatsAuth::UserPassword {
+            user: user.into(),
+            password: password.into(),
+        };
+        assert!(connects(s.port, "nats", |c| c.nats.auth = up("relay", "s3cret")).await);
+        assert!(!connects(s.port, "nats", |c| c.nats.auth = up("relay", "wrong")).await);
+        let t = CustomNats::start(&["--auth", "tok123"]);
+        assert!(
+            connects(t.port, "nats", |c| c.nats.auth =
+                NatsAuth::Token("tok123".into()))
+            .await
+        );
+        assert!(!connects(t.port, "nats", |_| {}).await);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn mutual_tls() {
+        let certs = make_certs();
+        let p = |f: &str| certs.path().join(f);
+        let args = [
+            "--tls".to_owned(),
+            "--tlscert".to_owned(),
+            p("server.pem").display().to_string(),
+            "--tlskey".to_owned(),
+            p("server.key").display().to_string(),
+            "--tlsverify".to_owned(),
+            "--tlscacert".to_owned(),
+            p("ca.pem").display().to_string(),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let s = CustomNats::start(&args);
+        assert!(
+            connects(s.port, "tls", |c| {
+                c.nats.tls_ca = Some(p("ca.pem"));
+                c.nats.tls_client = Some((p("client.pem"), p("client.key")));
+            })
+            .await
+        );
+        assert!(
+            !connects(s.port, "tls", |c| c.nats.tls_ca = Some(p("ca.pem"))).await,
+            "no client certificate: refused"
+        );
+    }
+}
+
 mod dynamo {
     //! Drop-in checks against the real upstream packages (contract venv).
     use std::time::Duration;

@@ -357,3 +357,69 @@ impl Drop for Peer {
         let _ = self.child.wait();
     }
 }
+
+/// A `nats-server` with extra arguments (auth, TLS), killed on drop.
+pub struct CustomNats {
+    child: Child,
+    pub port: u16,
+}
+
+impl CustomNats {
+    pub fn start(extra: &[&str]) -> Self {
+        let port = free_port();
+        let child = Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        CustomNats { child, port }
+    }
+}
+
+impl Drop for CustomNats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A throwaway CA, a server certificate for 127.0.0.1 and a client certificate, made with
+/// the `openssl` command: returns the directory holding ca.pem, server.{pem,key},
+/// client.{pem,key}.
+pub fn make_certs() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    let run = |args: &str| {
+        let st = Command::new("sh")
+            .arg("-c")
+            .arg(format!("openssl {args}"))
+            .current_dir(d.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl");
+        assert!(st.success(), "openssl {args}");
+    };
+    run("req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=fpm-test-ca");
+    std::fs::write(
+        d.path().join("server.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    std::fs::write(d.path().join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    for who in ["server", "client"] {
+        run(&format!(
+            "req -newkey rsa:2048 -nodes -keyout {who}.key -out {who}.csr -subj /CN=fpm-{who}"
+        ));
+        run(&format!(
+            "x509 -req -in {who}.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out {who}.pem -days 2 -extfile {who}.ext"
+        ));
+    }
+    d
+}
