@@ -38,6 +38,9 @@ pub struct RelayConfig {
     /// Dynamo's file-discovery root (`DYN_FILE_KV`): when set, the relay writes its
     /// EventChannel record there (endpoint scope only) and removes it on shutdown.
     pub discovery_dir: Option<PathBuf>,
+    /// How often the discovery record's mtime is refreshed (Dynamo expires records not
+    /// refreshed for about 10 s; its own publishers refresh every ~3.3 s).
+    pub discovery_refresh: Duration,
     /// ZeroMQ receive high-water mark per socket (messages libzmq queues for us).
     pub zmq_rcvhwm: i32,
     /// Fixed publisher id for the envelope (tests); `None` draws a random one below 2^53.
@@ -61,6 +64,7 @@ impl RelayConfig {
             shutdown_timeout: Duration::from_secs(5),
             metrics_addr: None,
             discovery_dir: None,
+            discovery_refresh: Duration::from_secs(3),
             zmq_rcvhwm: 100_000,
             publisher_id: None,
         }

@@ -15,9 +15,6 @@ use std::time::SystemTime;
 
 use fpm_schema::{FpmSubject, FPM_TOPIC};
 
-/// How often the record's mtime is refreshed (Dynamo's own lease refresh is ~3.3 s).
-pub(crate) const REFRESH: std::time::Duration = std::time::Duration::from_secs(3);
-
 /// Percent-encodes every byte that is not an ASCII letter or digit, upper-case hex.
 pub(crate) fn encode_key(key: &str) -> String {
     let mut out = String::with_capacity(key.len() * 2);

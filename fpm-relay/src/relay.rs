@@ -241,8 +241,9 @@ impl Relay {
         }
         let refresh = record.clone().map(|(path, json)| {
             let cancel = shutdown.clone();
+            let every = config.discovery_refresh.max(Duration::from_millis(10));
             tokio::spawn(async move {
-                let mut tick = tokio::time::interval(discovery::REFRESH);
+                let mut tick = tokio::time::interval(every);
                 tick.tick().await;
                 loop {
                     tokio::select! {

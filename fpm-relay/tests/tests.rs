@@ -278,6 +278,7 @@ mod relay {
             c.discovery_dir = Some(kv.path().to_path_buf());
             c.shutdown_timeout = Duration::from_millis(700);
             c.publisher_id = Some(867563565198844);
+            c.discovery_refresh = Duration::from_millis(50);
         })
         .await;
         let record = relay.discovery_record().unwrap().to_path_buf();
@@ -289,6 +290,20 @@ mod relay {
             std::fs::read_to_string(&record).unwrap(),
             r#"{"type":"EventChannel","scope":{"kind":"endpoint","endpoint":{"namespace":"fpm-test","component":"wor_ker","name":"generate"}},"topic":"forward-pass-metrics","instance_id":867563565198844,"transport":{"kind":"Nats","config":{"subject_prefix":"namespace.fpm-test.component.wor_ker.endpoint.generate"}}}"#
         );
+        // Kept alive: the mtime is refreshed, and a record someone deleted is written again.
+        let old = std::time::SystemTime::now() - Duration::from_secs(60);
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&record)
+            .unwrap();
+        f.set_modified(old).unwrap();
+        drop(f);
+        wait_for(Duration::from_secs(5), || {
+            std::fs::metadata(&record).unwrap().modified().unwrap() > old + Duration::from_secs(30)
+        })
+        .await;
+        std::fs::remove_file(&record).unwrap();
+        wait_for(Duration::from_secs(5), || record.exists()).await;
         engine
             .warm_up_with(
                 &relay,
@@ -799,7 +814,7 @@ mod bench {
         engine.warm_up(&relay, "w").await;
         let before = relay.stats().published as usize;
         let _ = collect(&mut sub, before, Duration::from_secs(5)).await;
-        let n = 200_000usize;
+        let n = 100_000usize;
         let payload = fpm("worker-bench-0", 0, 12345);
         let t = Instant::now();
         for _ in 0..n {
@@ -808,10 +823,10 @@ mod bench {
         let send = t.elapsed();
         let got = collect(&mut sub, n, Duration::from_secs(60)).await;
         let total = t.elapsed();
-        assert_eq!(got.len(), n);
         let text = relay.metrics_text();
         stop.cancel();
         let s = relay.wait().await;
+        assert_eq!(got.len(), n, "{s:?}");
         println!(
             "relay bench: {n} x {} B payloads: sender {:.0} msg/s, end-to-end {:.0} msg/s ({:.2} s); received {} published {} dropped {}",
             payload.len(),
