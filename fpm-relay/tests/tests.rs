@@ -239,7 +239,11 @@ mod relay {
         assert_eq!(s.buffered, 50, "{s:?}");
         assert_eq!(s.dropped(DropReason::BufferFull), 70, "{s:?}");
         assert_eq!(s.published, pre_published);
-        assert_eq!(s.received, s.published + s.dropped.total() + s.buffered, "while running");
+        assert_eq!(
+            s.received,
+            s.published + s.dropped.total() + s.buffered,
+            "while running"
+        );
 
         nats.restart();
         let mut sub = subscribe(&nats.url(), SUBJECT).await;
