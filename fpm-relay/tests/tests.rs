@@ -271,6 +271,54 @@ mod relay {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nats_down_at_start_is_waited_for() {
+        let mut nats = NatsServer::start();
+        nats.stop();
+        let dir = tempfile::tempdir().unwrap();
+        let ep = fpm_testkit::ipc_base(dir.path(), "early") + ".0";
+        let mut engine = Engine::bind(&ep);
+        let mut c = fpm_relay::RelayConfig::new(vec![ep.clone()]);
+        c.nats.url = nats.url();
+        c.nats.reconnect_delay_max = Duration::from_millis(300);
+        let token = tokio_util::sync::CancellationToken::new();
+        let relay = tokio::time::timeout(
+            Duration::from_secs(5),
+            fpm_relay::Relay::start(c, token.clone()),
+        )
+        .await
+        .expect("start does not wait for NATS")
+        .expect("starts");
+        engine.warm_up(&relay, "w").await;
+        for _ in 0..10 {
+            engine.send_next("w");
+        }
+        let s = relay.stats();
+        assert!(!s.nats_connected);
+        assert_eq!(s.published, 0);
+        nats.restart();
+        let mut sub = subscribe(&nats.url(), SUBJECT).await;
+        let published_when_subscribed = relay.stats().published;
+        wait_for(Duration::from_secs(10), || {
+            let s = relay.stats();
+            s.buffered == 0 && s.published == s.received
+        })
+        .await;
+        let s = relay.stats();
+        let want = (s.published - published_when_subscribed) as usize;
+        assert_eq!(
+            collect(&mut sub, want, Duration::from_secs(5)).await.len(),
+            want
+        );
+        assert!(s.received >= 11, "{s:?}");
+        assert_eq!(
+            s.nats_reconnects, 0,
+            "the first connection is not a reconnect"
+        );
+        token.cancel();
+        relay.wait().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn shutdown_within_timeout_counts_unflushed_and_removes_record() {
         let mut nats = NatsServer::start();
         let dir = tempfile::tempdir().unwrap();

@@ -129,9 +129,8 @@ impl Engine {
         tokio::time::sleep(Duration::from_millis(100)).await;
         wait_for(Duration::from_secs(5), || {
             let s = relay.stats();
-            s.buffered == 0
-                && (s.published + s.dropped.total() + s.invalid.total() == s.received
-                    || !s.nats_connected)
+            let settled = s.published + s.dropped.total() + s.invalid.total() + s.buffered;
+            settled == s.received && (s.buffered == 0 || !s.nats_connected)
         })
         .await;
     }
