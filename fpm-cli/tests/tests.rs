@@ -174,3 +174,83 @@ mod sim {
         assert!(err.contains("--endpoint"), "{err}");
     }
 }
+
+mod relay {
+    use std::path::Path;
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    fn records(kv: &Path) -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(kv.join("v1/event_channels"))
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default()
+    }
+
+    /// SIGTERM: stop, flush, remove the discovery record, exit 0.
+    #[test]
+    fn sigterm_exits_0_and_removes_the_discovery_record() {
+        let nats = fpm_testkit::NatsServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let kv = dir.path().join("kv");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fpm"))
+            .args([
+                "-q",
+                "relay",
+                "--metrics-addr",
+                "off",
+                "--namespace",
+                "sigterm",
+            ])
+            .arg("--zmq-endpoint")
+            .arg(format!("ipc://{}", dir.path().join("engine.0").display()))
+            .args(["--nats-url", &nats.url()])
+            .arg("--discovery-dir")
+            .arg(&kv)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while records(&kv).is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(records(&kv).len(), 1, "the relay never wrote its record");
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let code = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "relay did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(code, Some(0));
+        assert!(records(&kv).is_empty(), "record left behind");
+    }
+
+    #[test]
+    fn bad_nats_url_is_one_line_exit_nonzero() {
+        let out = Command::new(env!("CARGO_BIN_EXE_fpm"))
+            .args([
+                "relay",
+                "--metrics-addr",
+                "off",
+                "--zmq-endpoint",
+                "ipc:///tmp/x.0",
+            ])
+            .args(["--nats-url", "http://not a url"])
+            .output()
+            .unwrap();
+        assert_ne!(out.status.code(), Some(0));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.to_lowercase().contains("nats"), "{err}");
+    }
+}

@@ -394,6 +394,19 @@ mod zmq_socket {
         (ctx, s)
     }
 
+    /// Submits until the first message reaches `s` (the subscription takes a moment to reach
+    /// the publisher); returns its frames.
+    fn first_message(e: &mut Emitter, s: &zmq::Socket) -> Vec<Vec<u8>> {
+        for _ in 0..200 {
+            e.submit(batch(2), QueuedRequestMetrics::default());
+            if let Ok(frames) = s.recv_multipart(zmq::DONTWAIT) {
+                return frames;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("no message reached the subscriber");
+    }
+
     #[test]
     fn three_frames_over_ipc_with_stale_socket_file_removed() {
         let dir = tempfile::tempdir().unwrap();
@@ -412,17 +425,7 @@ mod zmq_socket {
             .no_subscriber
             == 1));
         let (_ctx, s) = sub(&format!("{base}.1"));
-        // Wait until the subscription reaches the publisher.
-        let mut got = None;
-        for _ in 0..200 {
-            e.submit(batch(2), QueuedRequestMetrics::default());
-            if let Ok(frames) = s.recv_multipart(zmq::DONTWAIT) {
-                got = Some(frames);
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let frames = got.expect("no message over ipc");
+        let frames = first_message(&mut e, &s);
         assert_eq!(frames.len(), 3);
         assert!(frames[0].is_empty());
         assert_eq!(frames[1].len(), 8);
@@ -452,16 +455,8 @@ mod zmq_socket {
         .with_clock(ClockChoice::Cpu);
         let mut e = Emitter::start(cfg).unwrap();
         let (_ctx, s) = sub(&format!("tcp://127.0.0.1:{port}"));
-        let mut ok = false;
-        for _ in 0..200 {
-            e.submit(batch(1), QueuedRequestMetrics::default());
-            if s.recv_multipart(zmq::DONTWAIT).is_ok() {
-                ok = true;
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        assert!(ok);
+        let frames = first_message(&mut e, &s);
+        assert_eq!(decode(&frames[2]).unwrap().dp_rank, 1);
         e.shutdown(Duration::from_secs(1));
     }
 
@@ -474,16 +469,7 @@ mod zmq_socket {
         let mut e = Emitter::start(cfg).unwrap();
         {
             let (_ctx, s) = sub(&format!("{base}.0"));
-            let mut ok = false;
-            for _ in 0..200 {
-                e.submit(batch(1), QueuedRequestMetrics::default());
-                if s.recv_multipart(zmq::DONTWAIT).is_ok() {
-                    ok = true;
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            assert!(ok);
+            first_message(&mut e, &s);
         } // the subscriber goes away
         let before = e.stats().dropped.no_subscriber;
         assert!(wait_until(Duration::from_secs(5), || {

@@ -10,6 +10,8 @@ use fpm_relay::{BufferLimits, NatsAuth, Relay, RelayConfig, Scope};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use super::{parse_duration, wait_for_signal};
+
 /// Subject layout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ScopeArg {
@@ -151,28 +153,6 @@ pub struct RelayArgs {
     pub zmq_rcvhwm: i32,
 }
 
-/// Parses `5`, `5s`, `500ms`, `1.5s`, `2m`.
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 0.001)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = s.strip_suffix('m') {
-        (n, 60.0)
-    } else {
-        (s, 1.0)
-    };
-    let v: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration: use e.g. 5s or 500ms"))?;
-    if !(v.is_finite() && v >= 0.0) {
-        return Err(format!("{s:?} is not a duration: use e.g. 5s or 500ms"));
-    }
-    Ok(Duration::from_secs_f64(v * mult))
-}
-
 impl RelayArgs {
     /// Turns the arguments into a relay configuration.
     ///
@@ -292,34 +272,9 @@ pub fn relay(args: RelayArgs) -> Result<()> {
     })
 }
 
-async fn wait_for_signal() -> Result<()> {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r.context("cannot handle SIGINT")?,
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    tokio::signal::ctrl_c()
-        .await
-        .context("cannot handle Ctrl-C")?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("5").unwrap(), Duration::from_secs(5));
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
-        assert!(parse_duration("soon").is_err());
-    }
 
     fn args(extra: &[&str]) -> Result<RelayArgs, clap::Error> {
         use clap::Parser;

@@ -9,6 +9,8 @@ use clap::Args;
 use fpm_emitter::sim::{self, CostModel, Rate, SimConfig};
 use fpm_emitter::Endpoint;
 
+use super::parse_duration;
+
 /// Arguments of `fpm sim`.
 #[derive(Debug, Args)]
 pub struct SimArgs {
@@ -69,30 +71,6 @@ pub struct SimArgs {
     pub heartbeat_interval: Duration,
 }
 
-/// Parses `30s`, `2m`, `500ms`, `1h` or plain seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
-    };
-    let v: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?}: expected a duration like 30s, 2m, 500ms"))?;
-    let secs = match unit {
-        "ms" => v / 1000.0,
-        "s" => v,
-        "m" => v * 60.0,
-        "h" => v * 3600.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
-    };
-    if !(secs.is_finite() && secs >= 0.0) {
-        return Err(format!("{s:?}: must be a non-negative duration"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
-
 fn parse_rate(s: &str) -> Result<Rate, String> {
     if s.eq_ignore_ascii_case("max") {
         return Ok(Rate::Max);
@@ -114,18 +92,9 @@ fn stop_on_signal(stop: Arc<AtomicBool>) {
         else {
             return;
         };
-        rt.block_on(async {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(t) => t,
-                    Err(_) => return,
-                };
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {},
-                _ = term.recv() => {},
-            }
+        if rt.block_on(super::wait_for_signal()).is_ok() {
             stop.store(true, Ordering::Relaxed);
-        });
+        }
     });
 }
 
@@ -214,13 +183,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn durations_and_rates() {
-        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1500));
-        assert!(parse_duration("5 parsecs").is_err());
-        assert!(parse_duration("-1s").is_err());
+    fn rates() {
         assert_eq!(parse_rate("max").unwrap(), Rate::Max);
         assert_eq!(parse_rate("100").unwrap(), Rate::PerSecond(100.0));
         assert!(parse_rate("0").is_err());
