@@ -111,7 +111,11 @@ impl IterationClock for CudaClock {
 
     fn mark_start(&self, span: &mut Span, stream: StreamHandle) -> Result<(), TimingError> {
         let pair = self.pair(span).ok_or(TimingError::PoolExhausted)?;
-        self.ctx.bind_to_thread().map_err(code)?;
+        // Never switch the engine thread's context (it may be working on another device):
+        // bind ours only when the thread has none, as a pure-driver engine thread may not.
+        if matches!(cudarc::driver::result::ctx::get_current(), Ok(None)) {
+            self.ctx.bind_to_thread().map_err(code)?;
+        }
         // SAFETY: the event was created by `event::create` and is owned by this iteration; the
         // stream handle comes from the engine and lives in the same context.
         unsafe { event::record(pair.start, stream.0 as sys::CUstream) }.map_err(code)
@@ -152,6 +156,8 @@ impl IterationClock for CudaClock {
 
 impl Drop for CudaClock {
     fn drop(&mut self) {
+        // This may run on the engine's thread: restore whatever context it had.
+        let previous = cudarc::driver::result::ctx::get_current().ok().flatten();
         let _ = self.ctx.bind_to_thread();
         for p in &self.pairs {
             // SAFETY: created by this clock, destroyed once; destroying a pending event is
@@ -160,6 +166,10 @@ impl Drop for CudaClock {
                 let _ = event::destroy(p.start);
                 let _ = event::destroy(p.end);
             }
+        }
+        if let Some(ctx) = previous {
+            // SAFETY: a context that was current on this thread a moment ago.
+            let _ = unsafe { cudarc::driver::result::ctx::set_current(ctx) };
         }
     }
 }
