@@ -54,25 +54,50 @@ impl CudaClock {
         if !unsafe { sys::is_culib_present() } {
             return Err("libcuda.so not found (no NVIDIA driver on this machine)".into());
         }
-        let ctx = CudaContext::new(ordinal)
-            .map_err(|e| format!("cannot open CUDA device {ordinal}: {e:?}"))?;
-        ctx.bind_to_thread()
-            .map_err(|e| format!("cannot bind the CUDA context: {e:?}"))?;
+        // `CudaContext::new` makes the device's primary context current on this thread, which
+        // is the engine's: put back whatever was current before (if anything) when done.
+        cudarc::driver::result::init().map_err(|e| format!("cuInit failed: {e:?}"))?;
+        let previous = cudarc::driver::result::ctx::get_current().ok().flatten();
+        let restore = || {
+            if let Some(ctx) = previous {
+                // SAFETY: a context that was current on this thread a moment ago.
+                let _ = unsafe { cudarc::driver::result::ctx::set_current(ctx) };
+            }
+        };
+        let ctx = CudaContext::new(ordinal).map_err(|e| {
+            restore();
+            format!("cannot open CUDA device {ordinal}: {e:?}")
+        })?;
         let pool_size = pool_size.clamp(1, u32::MAX as usize);
-        let mut pairs = Vec::with_capacity(pool_size);
-        for _ in 0..pool_size {
-            let start = event::create(CUevent_flags::CU_EVENT_DEFAULT)
-                .map_err(|e| format!("cuEventCreate failed: {e:?}"))?;
-            let end = event::create(CUevent_flags::CU_EVENT_DEFAULT)
-                .map_err(|e| format!("cuEventCreate failed: {e:?}"))?;
-            pairs.push(EventPair { start, end });
-        }
-        let free = (0..pool_size as u32).rev().collect();
-        Ok(CudaClock {
+        // Built as a clock right away so that a failure part-way destroys what was created.
+        let mut clock = CudaClock {
             ctx,
-            pairs,
-            free: Mutex::new(free),
-        })
+            pairs: Vec::with_capacity(pool_size),
+            free: Mutex::new(Vec::new()),
+        };
+        for _ in 0..pool_size {
+            let pair = event::create(CUevent_flags::CU_EVENT_DEFAULT).and_then(|start| {
+                match event::create(CUevent_flags::CU_EVENT_DEFAULT) {
+                    Ok(end) => Ok(EventPair { start, end }),
+                    Err(e) => {
+                        // SAFETY: just created, never recorded or shared.
+                        let _ = unsafe { event::destroy(start) };
+                        Err(e)
+                    }
+                }
+            });
+            match pair {
+                Ok(p) => clock.pairs.push(p),
+                Err(e) => {
+                    drop(clock);
+                    restore();
+                    return Err(format!("cuEventCreate failed: {e:?}"));
+                }
+            }
+        }
+        restore();
+        clock.free = Mutex::new((0..pool_size as u32).rev().collect());
+        Ok(clock)
     }
 
     /// The CUDA context the events belong to.
