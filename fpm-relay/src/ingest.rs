@@ -263,6 +263,33 @@ mod tests {
         assert_eq!(validate(&f, &d), Err(InvalidReason::UnsupportedVersion));
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// Whatever arrives on the socket, validation returns (never panics), and accepts
+        /// only three frames with an empty topic, an 8-byte counter and a peekable v1 payload.
+        #[test]
+        fn arbitrary_frames_never_panic(
+            frames in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64), 0..6),
+            counter in proptest::prelude::any::<u64>(),
+            flips in proptest::collection::vec((proptest::prelude::any::<proptest::sample::Index>(), proptest::prelude::any::<u8>()), 0..4),
+        ) {
+            let d = Decoder::new();
+            if let Ok(c) = validate(&frames, &d) {
+                proptest::prop_assert_eq!(frames.len(), 3);
+                proptest::prop_assert!(frames[0].is_empty());
+                proptest::prop_assert_eq!(c.to_be_bytes().to_vec(), frames[1].clone());
+            }
+            // A good message with a few bytes of its payload corrupted.
+            let mut g = good(counter);
+            for (i, b) in flips {
+                let i = i.index(g[2].len());
+                g[2][i] = b;
+            }
+            let _ = validate(&g, &d);
+        }
+    }
+
     #[test]
     fn counter_gaps_and_resets() {
         let mut t = CounterTracker::default();
