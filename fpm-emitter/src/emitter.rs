@@ -308,7 +308,7 @@ impl Emitter {
             }
             SpanState::Started(_) => cur.state = SpanState::MultiStream,
             // An end without a start: nothing to measure.
-            SpanState::Empty => cur.state = SpanState::Failed(TimingError::Cuda(-1)),
+            SpanState::Empty => cur.state = SpanState::Failed(TimingError::Unpaired),
             _ => {}
         }
     }
@@ -323,6 +323,10 @@ impl Emitter {
     }
 
     /// Submits the current iteration with its statistics; never blocks, never allocates.
+    ///
+    /// An iteration without any segment is published with `wall_time` 0.0, as upstream does
+    /// (it then reads like a heartbeat to planners); one whose timing failed or spanned several
+    /// streams is dropped and counted.
     ///
     /// Returns `None` when queued for publication, or the reason it was dropped (already
     /// counted). Either way the iteration consumed a counter value, so a drop shows downstream

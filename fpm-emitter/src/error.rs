@@ -33,6 +33,9 @@ pub enum TimingError {
     /// Every CUDA event pair is in use by iterations still waiting for the GPU.
     #[error("all CUDA event pairs are in use (GPU far behind the scheduler)")]
     PoolExhausted,
+    /// A segment ended that never started (`segment_end` without `segment_start`).
+    #[error("segment_end without a matching segment_start")]
+    Unpaired,
     /// A CUDA call failed (the code is the `CUresult`).
     #[error("CUDA call failed with code {0}")]
     Cuda(i32),

@@ -254,7 +254,15 @@ mod logic {
         e.time_segment(StreamHandle(1), || ());
         e.time_segment(StreamHandle(1), || ());
         assert_eq!(e.submit(batch(1), QueuedRequestMetrics::default()), None);
+        // An end without a start cannot be measured: dropped and counted.
+        e.begin_iteration();
+        e.segment_end(StreamHandle(1));
+        assert_eq!(
+            e.submit(batch(1), QueuedRequestMetrics::default()),
+            Some(DropReason::TimingUnavailable)
+        );
         let stats = e.shutdown(Duration::from_secs(1));
+        assert_eq!(stats.dropped.timing_unavailable, 1);
         assert_eq!(stats.skipped_multi_stream(), 1);
         assert_eq!(stats.published, 1);
         // The skipped iteration consumed counter 0: the published one is 1.
