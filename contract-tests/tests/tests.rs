@@ -330,6 +330,24 @@ mod live {
         assert_schema_matches("sglang", &schema["sglang"]);
     }
 
+    /// The committed golden vectors are exactly what `make_golden.py` generates from the
+    /// upstream modules now (so a new upstream behaviour cannot hide behind stale files).
+    #[test]
+    fn golden_vectors_are_current() {
+        let Some(py) = python() else { return };
+        let out = std::process::Command::new(py)
+            .arg(repo_root().join("contract-tests/python/make_golden.py"))
+            .arg("--check")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "golden vectors are stale (regenerate with make_golden.py): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     #[test]
     fn welford_matches_both_modules() {
         let Some(py) = python() else { return };
