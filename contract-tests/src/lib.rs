@@ -277,29 +277,7 @@ impl Rng {
 }
 
 /// Every int-size boundary of msgpack, both signs.
-pub const INT_BOUNDARIES: [i64; 21] = [
-    0,
-    1,
-    127,
-    128,
-    255,
-    256,
-    65535,
-    65536,
-    u32::MAX as i64,
-    1 << 32,
-    i64::MAX,
-    -1,
-    -32,
-    -33,
-    -128,
-    -129,
-    -32768,
-    -32769,
-    i32::MIN as i64,
-    i32::MIN as i64 - 1,
-    i64::MIN,
-];
+pub use fpm_schema::INT_FORM_BOUNDARIES as INT_BOUNDARIES;
 
 /// Float edge cases.
 pub const FLOAT_EDGES: [f64; 13] = [

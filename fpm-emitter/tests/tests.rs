@@ -63,6 +63,13 @@ fn batch(decodes: i64) -> ScheduledRequestMetrics {
     b.build()
 }
 
+/// One iteration with a single (empty) segment on `stream`; returns what `submit` returned.
+fn iteration(e: &mut Emitter, stream: u64) -> Option<DropReason> {
+    e.begin_iteration();
+    e.time_segment(StreamHandle(stream), || ());
+    e.submit(batch(1), QueuedRequestMetrics::default())
+}
+
 /// A clock whose spans complete only when the test says so.
 #[derive(Default)]
 struct ManualClock {
@@ -155,9 +162,7 @@ mod logic {
         let mut e = Emitter::start_with_clock(config(), t.clone(), clock.clone(), None).unwrap();
         // Three iterations submitted before any of their GPU work completes.
         for _ in 0..3 {
-            e.begin_iteration();
-            e.time_segment(StreamHandle(1), || ());
-            e.submit(batch(1), QueuedRequestMetrics::default());
+            iteration(&mut e, 1);
         }
         std::thread::sleep(Duration::from_millis(30));
         assert!(t.sent().is_empty());
@@ -187,9 +192,7 @@ mod logic {
         let t = MemoryTransport::new();
         let mut e = Emitter::start_with_clock(config(), t.clone(), clock.clone(), None).unwrap();
         for _ in 0..4 {
-            e.begin_iteration();
-            e.time_segment(StreamHandle(1), || ());
-            e.submit(batch(1), QueuedRequestMetrics::default());
+            iteration(&mut e, 1);
         }
         clock.complete(0);
         let stats = e.shutdown(Duration::from_millis(50));
@@ -208,9 +211,7 @@ mod logic {
         // The publisher holds pending work it cannot finish; the queue fills behind it.
         let mut dropped = 0;
         for _ in 0..50 {
-            e.begin_iteration();
-            e.time_segment(StreamHandle(1), || ());
-            if e.submit(batch(1), QueuedRequestMetrics::default()) == Some(DropReason::QueueFull) {
+            if iteration(&mut e, 1) == Some(DropReason::QueueFull) {
                 dropped += 1;
             }
         }
@@ -223,9 +224,7 @@ mod logic {
             .pending_timings
             == 0));
         // One more once the GPU has caught up: its counter sits after the dropped ones.
-        e.begin_iteration();
-        e.time_segment(StreamHandle(1), || ());
-        assert_eq!(e.submit(batch(1), QueuedRequestMetrics::default()), None);
+        assert_eq!(iteration(&mut e, 1), None);
         let stats = e.shutdown(Duration::from_secs(2));
         assert_eq!(stats.dropped.queue_full, dropped);
         assert_eq!(stats.submitted, 51);

@@ -107,14 +107,7 @@ mod relay {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let mut engine = Engine::bind(&ep);
         engine.warm_up(&relay, "w").await;
-        let n2 = relay.stats().received;
-        for _ in 0..20 {
-            engine.send_next("w");
-        }
-        wait_for(Duration::from_secs(5), || {
-            relay.stats().published == n2 + 20
-        })
-        .await;
+        engine.send_and_wait_published(&relay, "w", 20).await;
         let s = relay.stats();
         assert_eq!(s.counter_gaps, 5, "{s:?}");
         assert_eq!(s.counter_resets, 1, "{s:?}");
@@ -213,14 +206,7 @@ mod relay {
         })
         .await;
         engine.warm_up(&relay, "w").await;
-        let pre = relay.stats().received;
-        for _ in 0..20 {
-            engine.send_next("w");
-        }
-        wait_for(Duration::from_secs(5), || {
-            relay.stats().published == pre + 20
-        })
-        .await;
+        let pre = engine.send_and_wait_published(&relay, "w", 20).await;
         let pre_published = relay.stats().published;
         let got = collect(&mut sub, pre_published as usize, Duration::from_secs(5)).await;
         assert_eq!(got.len() as u64, pre_published);

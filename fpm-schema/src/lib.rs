@@ -84,6 +84,33 @@ pub const SCHEMA: [(&str, &[(&str, &str)]); 3] = [
     ),
 ];
 
+/// The integers at which the msgpack encoding of an int changes form (fixint, 8, 16, 32 and
+/// 64 bits, both signs), as msgspec and this crate write them: the values any conformance
+/// test of an encoder must cover.
+pub const INT_FORM_BOUNDARIES: [i64; 21] = [
+    0,
+    1,
+    127,
+    128,
+    255,
+    256,
+    65535,
+    65536,
+    u32::MAX as i64,
+    1 << 32,
+    i64::MAX,
+    -1,
+    -32,
+    -33,
+    -128,
+    -129,
+    -32768,
+    -32769,
+    i32::MIN as i64,
+    i32::MIN as i64 - 1,
+    i64::MIN,
+];
+
 /// Decodes `data` with every decoder in this crate and discards the results: the body of the
 /// fuzz targets and property tests that prove no input panics.
 #[doc(hidden)]

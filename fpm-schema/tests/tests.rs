@@ -24,25 +24,7 @@ fn any_i64() -> impl Strategy<Value = i64> {
     prop_oneof![
         any::<i64>(),
         -300i64..70_000,
-        prop::sample::select(vec![
-            0,
-            127,
-            128,
-            255,
-            256,
-            65535,
-            65536,
-            u32::MAX as i64,
-            1 << 32,
-            i64::MAX,
-            i64::MIN,
-            -32,
-            -33,
-            -128,
-            -129,
-            -32768,
-            -32769,
-        ]),
+        prop::sample::select(fpm_schema::INT_FORM_BOUNDARIES.to_vec()),
     ]
 }
 

@@ -108,6 +108,20 @@ impl Engine {
         self.counter += n;
     }
 
+    /// Sends `n` FPMs for `worker` and waits until the relay has published everything it
+    /// received before them plus these `n`. Returns the received count before sending.
+    pub async fn send_and_wait_published(&mut self, relay: &Relay, worker: &str, n: u64) -> u64 {
+        let base = relay.stats().received;
+        for _ in 0..n {
+            self.send_next(worker);
+        }
+        wait_for(Duration::from_secs(5), || {
+            relay.stats().published == base + n
+        })
+        .await;
+        base
+    }
+
     /// Sends messages until the relay has published one (the SUB has joined; ZeroMQ drops
     /// what a PUB sends before that), then waits until all sent ones are through.
     pub async fn warm_up(&mut self, relay: &Relay, worker: &str) {
