@@ -70,6 +70,14 @@ fn iteration(e: &mut Emitter, stream: u64) -> Option<DropReason> {
     e.submit(batch(1), QueuedRequestMetrics::default())
 }
 
+/// An emitter on a [`ManualClock`] and a [`MemoryTransport`].
+fn manual_emitter(cfg: EmitterConfig) -> (Arc<ManualClock>, MemoryTransport, Emitter) {
+    let clock = Arc::new(ManualClock::default());
+    let t = MemoryTransport::new();
+    let e = Emitter::start_with_clock(cfg, t.clone(), clock.clone(), None).unwrap();
+    (clock, t, e)
+}
+
 /// A clock whose spans complete only when the test says so.
 #[derive(Default)]
 struct ManualClock {
@@ -157,9 +165,7 @@ mod logic {
 
     #[test]
     fn deferred_completion_publishes_in_iteration_order() {
-        let clock = Arc::new(ManualClock::default());
-        let t = MemoryTransport::new();
-        let mut e = Emitter::start_with_clock(config(), t.clone(), clock.clone(), None).unwrap();
+        let (clock, t, mut e) = manual_emitter(config());
         // Three iterations submitted before any of their GPU work completes.
         for _ in 0..3 {
             iteration(&mut e, 1);
@@ -188,9 +194,7 @@ mod logic {
 
     #[test]
     fn shutdown_counts_timings_that_never_complete() {
-        let clock = Arc::new(ManualClock::default());
-        let t = MemoryTransport::new();
-        let mut e = Emitter::start_with_clock(config(), t.clone(), clock.clone(), None).unwrap();
+        let (clock, _t, mut e) = manual_emitter(config());
         for _ in 0..4 {
             iteration(&mut e, 1);
         }
@@ -203,11 +207,9 @@ mod logic {
 
     #[test]
     fn full_queue_drops_are_counted_and_leave_counter_gaps() {
-        let clock = Arc::new(ManualClock::default());
-        let t = MemoryTransport::new();
         let mut cfg = config().with_queue_capacity(4);
         cfg.poll_interval = Duration::from_millis(1);
-        let mut e = Emitter::start_with_clock(cfg, t.clone(), clock.clone(), None).unwrap();
+        let (clock, t, mut e) = manual_emitter(cfg);
         // The publisher holds pending work it cannot finish; the queue fills behind it.
         let mut dropped = 0;
         for _ in 0..50 {
