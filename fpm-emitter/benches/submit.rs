@@ -74,8 +74,8 @@ fn main() {
         b.iter_custom(|iters| {
             timed_batches(&mut e, iters, |e| {
                 e.begin_iteration();
-                e.segment_start(StreamHandle(0));
-                e.segment_end(StreamHandle(0));
+                e.segment_start(StreamHandle::DEFAULT);
+                e.segment_end(StreamHandle::DEFAULT);
                 black_box(e.submit(black_box(sched), black_box(queued)));
             })
         })

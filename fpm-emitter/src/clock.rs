@@ -26,11 +26,48 @@ impl ClockKind {
     }
 }
 
-/// A raw CUDA stream handle (`CUstream` / `cudaStream_t`, e.g. PyTorch's
-/// `torch.cuda.current_stream().cuda_stream`); `0` is the legacy default stream. The CPU clock
-/// uses it only to tell streams apart.
+/// A CUDA stream handle (`CUstream` / `cudaStream_t`, e.g. PyTorch's
+/// `torch.cuda.current_stream().cuda_stream`) on which the CUDA clock records its events. The
+/// CPU clock uses it only to tell streams apart.
+///
+/// The CUDA clock hands the raw value to `cuEventRecord`, so only the constructors for the
+/// driver's own special streams are safe; any other value goes through the `unsafe`
+/// [`StreamHandle::from_raw`] and its contract.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct StreamHandle(pub u64);
+pub struct StreamHandle(u64);
+
+impl StreamHandle {
+    /// The legacy default ("null") stream of the calling thread's current context (`0`).
+    pub const DEFAULT: StreamHandle = StreamHandle(0);
+    /// `CU_STREAM_PER_THREAD` (`0x2`): the per-thread default stream of the current context.
+    pub const PER_THREAD: StreamHandle = StreamHandle(2);
+
+    /// Wraps a raw `CUstream`.
+    ///
+    /// # Safety
+    /// `raw` must be `0`, `CU_STREAM_LEGACY` (`1`), `CU_STREAM_PER_THREAD` (`2`) or a stream
+    /// created by the CUDA driver or runtime in this process that stays alive (not destroyed)
+    /// until every iteration that records on it has been published or dropped, i.e. until the
+    /// emitter's timing of it has completed. Engines pass the stream they launch the forward
+    /// pass on; PyTorch keeps its streams alive for the life of the process.
+    #[inline]
+    pub const unsafe fn from_raw(raw: u64) -> StreamHandle {
+        StreamHandle(raw)
+    }
+
+    /// The raw `CUstream` value.
+    #[inline]
+    pub const fn raw(self) -> u64 {
+        self.0
+    }
+
+    /// One of the driver's special handles (legacy default, `CU_STREAM_LEGACY`, per-thread
+    /// default), which resolve to the calling thread's current context.
+    #[inline]
+    pub const fn is_special(self) -> bool {
+        self.0 <= 2
+    }
+}
 
 /// The clock-specific state of one iteration's timing: plain data, so it moves through the
 /// submission queue without allocating.
@@ -85,8 +122,20 @@ pub trait IterationClock: Send + Sync + 'static {
     /// Non-blocking: is the span complete, and how long was it?
     fn poll(&self, span: &Span) -> TimingPoll;
 
-    /// Returns what `begin` reserved.
+    /// Returns what `begin` reserved. Called exactly once for each span `begin` returned, and
+    /// never for a span it did not return.
     fn release(&self, span: Span);
+
+    /// Called once on the publisher thread before its first `poll` (the CUDA clock switches
+    /// that thread to thread-local stream-capture mode so its queries can never invalidate
+    /// an engine's CUDA graph capture).
+    fn on_publisher_thread(&self) {}
+
+    /// What the start-up log says about this clock beyond its kind (the CUDA clock: device and
+    /// where its context came from).
+    fn describe(&self) -> String {
+        String::new()
+    }
 }
 
 /// The CPU monotonic clock.
@@ -154,9 +203,9 @@ mod tests {
     fn cpu_clock_measures_a_sleep() {
         let c = CpuClock::new();
         let mut s = c.begin().unwrap();
-        c.mark_start(&mut s, StreamHandle(0)).unwrap();
+        c.mark_start(&mut s, StreamHandle::DEFAULT).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(20));
-        c.mark_end(&mut s, StreamHandle(0)).unwrap();
+        c.mark_end(&mut s, StreamHandle::DEFAULT).unwrap();
         match c.poll(&s) {
             TimingPoll::Ready(secs) => assert!((0.019..0.5).contains(&secs), "{secs}"),
             other => panic!("{other:?}"),

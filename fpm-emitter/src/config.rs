@@ -121,14 +121,23 @@ pub struct EmitterConfig {
     pub heartbeat_interval: Duration,
     /// Clock choice.
     pub clock: ClockChoice,
-    /// CUDA device ordinal (for `cuda`).
-    pub cuda_device: usize,
+    /// The CUDA device whose primary context the timing events are created in. `None` (the
+    /// default): the context current on the thread that starts the emitter (the engine's
+    /// scheduler thread, after `torch.cuda.set_device(rank)`), or device 0's primary context
+    /// when none is current. The engine's streams must belong to that context; a stream of
+    /// another is counted (`timing_unavailable`) and logged at ERROR.
+    pub cuda_device: Option<u32>,
     /// CUDA event pairs created up front: iterations whose GPU work is still running, at most.
     pub cuda_event_pairs: usize,
     /// ZeroMQ per-subscriber send queue limit.
     pub send_hwm: i32,
-    /// How often the publisher thread polls timings still running on the GPU.
+    /// The first wait before polling a timing still running on the GPU again (positive). Each
+    /// poll that finds it still running doubles the wait, up to `max_poll_interval`; a
+    /// completion resets it. So a message waits at most `max_poll_interval` past its GPU
+    /// work's end, and a long iteration costs a handful of wake-ups, not one per interval.
     pub poll_interval: Duration,
+    /// The longest wait between polls of a pending timing (at least `poll_interval`).
+    pub max_poll_interval: Duration,
 }
 
 impl EmitterConfig {
@@ -141,10 +150,11 @@ impl EmitterConfig {
             queue_capacity: 10_000,
             heartbeat_interval: Duration::from_secs(1),
             clock: ClockChoice::Auto,
-            cuda_device: 0,
+            cuda_device: None,
             cuda_event_pairs: 1024,
             send_hwm: 100_000,
-            poll_interval: Duration::from_micros(200),
+            poll_interval: Duration::from_micros(100),
+            max_poll_interval: Duration::from_millis(1),
         }
     }
 
@@ -175,6 +185,22 @@ impl EmitterConfig {
         if self.heartbeat_interval.is_zero() {
             return Err(EmitterError::Config(
                 "heartbeat interval must be positive".into(),
+            ));
+        }
+        if self.poll_interval.is_zero() {
+            return Err(EmitterError::Config(
+                "poll interval must be positive (zero would spin the publisher thread)".into(),
+            ));
+        }
+        if self.max_poll_interval < self.poll_interval {
+            return Err(EmitterError::Config(format!(
+                "max_poll_interval ({:?}) must be at least poll_interval ({:?})",
+                self.max_poll_interval, self.poll_interval
+            )));
+        }
+        if self.cuda_event_pairs == 0 {
+            return Err(EmitterError::Config(
+                "cuda_event_pairs must be at least 1".into(),
             ));
         }
         self.endpoint.bind_address(self.dp_rank)?;

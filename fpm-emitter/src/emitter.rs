@@ -8,12 +8,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use fpm_schema::{ForwardPassMetrics, QueuedRequestMetrics, ScheduledRequestMetrics};
-use tracing::{debug, info, warn};
+use tracing::{error, info, warn};
 
 use crate::clock::{ClockKind, CpuClock, IterationClock, Span, StreamHandle, TimingPoll};
 use crate::config::{ClockChoice, EmitterConfig};
 use crate::error::{EmitterError, TimingError};
-use crate::stats::{Counters, DropReason, EmitterStats};
+use crate::stats::{Counters, DropReason, EmitterStats, FailureLog};
 use crate::transport::{Transport, ZmqTransport};
 
 /// How an iteration's timing went on the scheduler side.
@@ -21,8 +21,8 @@ use crate::transport::{Transport, ZmqTransport};
 enum SpanState {
     /// No segment yet.
     Empty,
-    /// Segments on one stream.
-    Started(StreamHandle),
+    /// Segments on one stream; `open` while a segment has started and not yet ended.
+    Started { stream: StreamHandle, open: bool },
     /// Segments on several streams: ambiguous, skipped.
     MultiStream,
     /// Could not be timed.
@@ -42,6 +42,8 @@ struct Current {
 struct Submission {
     counter: u64,
     span: Span,
+    /// The span holds clock resources (`begin` succeeded): release them exactly once.
+    reserved: bool,
     /// False for an iteration without segments (published with `wall_time` 0, as upstream).
     timed: bool,
     scheduled: ScheduledRequestMetrics,
@@ -102,6 +104,7 @@ pub struct Emitter {
     tx: Option<SyncSender<Submission>>,
     thread: Option<JoinHandle<()>>,
     current: Option<Current>,
+    failures: FailureLog,
 }
 
 impl std::fmt::Debug for Emitter {
@@ -187,7 +190,7 @@ impl Emitter {
         });
         match (clock.kind(), cuda_note) {
             (ClockKind::Cuda, _) => {
-                info!(%endpoint, worker_id = %config.worker_id, dp_rank = config.dp_rank, clock = "cuda", "FPM emitter started")
+                info!(%endpoint, worker_id = %config.worker_id, dp_rank = config.dp_rank, clock = "cuda", cuda = %clock.describe(), "FPM emitter started")
             }
             (ClockKind::Cpu, Some(why)) => warn!(
                 %endpoint, worker_id = %config.worker_id, dp_rank = config.dp_rank, clock = "cpu", reason = %why,
@@ -211,8 +214,11 @@ impl Emitter {
             buf: Vec::with_capacity(1024),
             heartbeat_interval: config.heartbeat_interval,
             poll_interval: config.poll_interval,
+            max_poll_interval: config.max_poll_interval.max(config.poll_interval),
+            backoff: config.poll_interval,
             last_publish: Instant::now(),
             max_pending: config.queue_capacity,
+            failures: FailureLog::new("publisher"),
         };
         let thread = std::thread::Builder::new()
             .name(format!("fpm-publisher-{}", config.dp_rank))
@@ -223,6 +229,7 @@ impl Emitter {
             tx: Some(tx),
             thread: Some(thread),
             current: None,
+            failures: FailureLog::new("scheduler"),
         })
     }
 
@@ -287,11 +294,19 @@ impl Emitter {
         match cur.state {
             SpanState::Empty => {
                 cur.state = match clock.mark_start(&mut cur.span, stream) {
-                    Ok(()) => SpanState::Started(stream),
+                    Ok(()) => SpanState::Started { stream, open: true },
                     Err(e) => SpanState::Failed(e),
                 }
             }
-            SpanState::Started(s) if s != stream => cur.state = SpanState::MultiStream,
+            SpanState::Started { stream: s, .. } if s != stream => {
+                cur.state = SpanState::MultiStream
+            }
+            SpanState::Started { stream: s, .. } => {
+                cur.state = SpanState::Started {
+                    stream: s,
+                    open: true,
+                }
+            }
             _ => {}
         }
     }
@@ -301,12 +316,16 @@ impl Emitter {
     pub fn segment_end(&mut self, stream: StreamHandle) {
         let (cur, clock) = self.current();
         match cur.state {
-            SpanState::Started(s) if s == stream => {
-                if let Err(e) = clock.mark_end(&mut cur.span, stream) {
-                    cur.state = SpanState::Failed(e);
+            SpanState::Started { stream: s, .. } if s == stream => {
+                cur.state = match clock.mark_end(&mut cur.span, stream) {
+                    Ok(()) => SpanState::Started {
+                        stream,
+                        open: false,
+                    },
+                    Err(e) => SpanState::Failed(e),
                 }
             }
-            SpanState::Started(_) => cur.state = SpanState::MultiStream,
+            SpanState::Started { .. } => cur.state = SpanState::MultiStream,
             // An end without a start: nothing to measure.
             SpanState::Empty => cur.state = SpanState::Failed(TimingError::Unpaired),
             _ => {}
@@ -352,8 +371,13 @@ impl Emitter {
         counters.submitted.fetch_add(1, Relaxed);
         let drop_reason = match cur.state {
             SpanState::MultiStream => Some(DropReason::MultiStream),
-            SpanState::Failed(_) => Some(DropReason::TimingUnavailable),
-            SpanState::Empty | SpanState::Started(_) => None,
+            // A segment started and never ended: its end event is stale or unrecorded.
+            SpanState::Started { open: true, .. } => Some(DropReason::Unpaired),
+            SpanState::Failed(e) => {
+                self.failures.record(counter, e);
+                Some(DropReason::for_timing_error(e))
+            }
+            SpanState::Empty | SpanState::Started { open: false, .. } => None,
         };
         if let Some(reason) = drop_reason {
             drop(next);
@@ -366,26 +390,37 @@ impl Emitter {
         let sub = Submission {
             counter,
             span: cur.span,
-            timed: matches!(cur.state, SpanState::Started(_)),
+            reserved: cur.reserved,
+            timed: matches!(cur.state, SpanState::Started { .. }),
             scheduled,
             queued,
         };
+        // Counted as pending before the hand-over, so the publisher's decrement can never
+        // run first (the count never dips below zero).
+        counters.pending.fetch_add(1, Relaxed);
         let sent = match &self.tx {
             Some(tx) => tx.try_send(sub),
             None => Err(TrySendError::Disconnected(sub)),
         };
         drop(next);
+        if sent.is_err() {
+            counters.pending.fetch_sub(1, Relaxed);
+        }
         match sent {
-            Ok(()) => {
-                counters.pending.fetch_add(1, Relaxed);
-                None
-            }
-            Err(TrySendError::Full(sub)) | Err(TrySendError::Disconnected(sub)) => {
-                if cur.reserved {
+            Ok(()) => None,
+            Err(TrySendError::Full(sub)) => {
+                if sub.reserved {
                     self.clock.release(sub.span);
                 }
                 counters.drop_one(DropReason::QueueFull);
                 Some(DropReason::QueueFull)
+            }
+            Err(TrySendError::Disconnected(sub)) => {
+                if sub.reserved {
+                    self.clock.release(sub.span);
+                }
+                counters.drop_one(DropReason::PublisherGone);
+                Some(DropReason::PublisherGone)
             }
         }
     }
@@ -420,7 +455,15 @@ impl Emitter {
         }
         self.tx = None;
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            if t.join().is_err() {
+                // Whatever it held is lost: count it, so the totals still add up.
+                let lost = self.shared.counters.pending.swap(0, Relaxed);
+                self.shared.counters.drop_n(DropReason::PublisherGone, lost);
+                error!(
+                    lost,
+                    "FPM publisher thread panicked; its pending iterations are counted as publisher_gone"
+                );
+            }
         }
     }
 }
@@ -446,13 +489,19 @@ struct Publisher {
     buf: Vec<u8>,
     heartbeat_interval: Duration,
     poll_interval: Duration,
+    max_poll_interval: Duration,
+    /// The current wait between polls of a pending head: `poll_interval`, doubled after each
+    /// poll that finds it still running, up to `max_poll_interval`; reset on completion.
+    backoff: Duration,
     last_publish: Instant,
     /// Iterations held waiting for their timing, at most (the queue capacity).
     max_pending: usize,
+    failures: FailureLog,
 }
 
 impl Publisher {
     fn run(mut self) {
+        self.clock.on_publisher_thread();
         loop {
             self.publish_ready();
             let wait = if self.pending.is_empty() {
@@ -461,7 +510,7 @@ impl Publisher {
                     .max(Duration::from_millis(1))
                     .min(Duration::from_millis(100))
             } else {
-                self.poll_interval
+                self.backoff
             };
             if self.pending.len() >= self.max_pending {
                 // Waiting on the GPU for a full queue's worth: leave new submissions in the
@@ -475,7 +524,7 @@ impl Publisher {
                 {
                     break;
                 }
-                std::thread::sleep(self.poll_interval);
+                std::thread::sleep(self.backoff);
                 continue;
             }
             match self.rx.recv_timeout(wait) {
@@ -498,25 +547,34 @@ impl Publisher {
     /// Publishes the completed iterations at the head of the queue, in order.
     fn publish_ready(&mut self) {
         while let Some(sub) = self.pending.front().copied() {
-            let wall_time = if sub.timed {
+            let wall_time: Result<f64, TimingError> = if sub.timed {
                 match self.clock.poll(&sub.span) {
-                    TimingPoll::Pending => return,
-                    TimingPoll::Ready(secs) => Some(secs),
-                    TimingPoll::Failed(e) => {
-                        debug!(error = %e, counter = sub.counter, "FPM timing failed; sample dropped");
-                        None
+                    TimingPoll::Pending => {
+                        self.backoff = (self.backoff * 2).min(self.max_poll_interval);
+                        return;
                     }
+                    TimingPoll::Ready(secs) => Ok(secs),
+                    TimingPoll::Failed(e) => Err(e),
                 }
             } else {
-                Some(0.0)
+                Ok(0.0)
             };
             self.pending.pop_front();
-            self.clock.release(sub.span);
+            self.backoff = self.poll_interval;
+            if sub.reserved {
+                self.clock.release(sub.span);
+            }
             let counters = &self.shared.counters;
             counters.pending.fetch_sub(1, Relaxed);
             match wall_time {
-                Some(secs) => self.send(sub, secs),
-                None => counters.drop_one(DropReason::TimingFailed),
+                Ok(secs) => self.send(sub, secs),
+                Err(e) => {
+                    self.failures.record(sub.counter, e);
+                    counters.drop_one(match e {
+                        TimingError::Captured => DropReason::GraphCapture,
+                        _ => DropReason::TimingFailed,
+                    });
+                }
             }
         }
     }
@@ -602,7 +660,9 @@ impl Publisher {
         }
         let counters = &self.shared.counters;
         for sub in self.pending.drain(..) {
-            self.clock.release(sub.span);
+            if sub.reserved {
+                self.clock.release(sub.span);
+            }
             counters.pending.fetch_sub(1, Relaxed);
             counters.drop_one(DropReason::Shutdown);
         }

@@ -33,9 +33,18 @@ pub enum TimingError {
     /// Every CUDA event pair is in use by iterations still waiting for the GPU.
     #[error("all CUDA event pairs are in use (GPU far behind the scheduler)")]
     PoolExhausted,
-    /// A segment ended that never started (`segment_end` without `segment_start`).
-    #[error("segment_end without a matching segment_start")]
+    /// Segment markers that do not pair up: `segment_end` without a `segment_start`, or the
+    /// iteration submitted while a segment was still open (`segment_start` without its
+    /// `segment_end`).
+    #[error("segment_start and segment_end do not pair up")]
     Unpaired,
+    /// The stream belongs to another CUDA context (another device) than the clock's events.
+    #[error("the stream belongs to another CUDA context than the timing events (another device?)")]
+    ContextMismatch,
+    /// The events were recorded inside a CUDA graph capture, where they cannot be timed:
+    /// time around the graph's replay instead.
+    #[error("events recorded inside a CUDA stream capture cannot be timed (time the graph replay instead)")]
+    Captured,
     /// A CUDA call failed (the code is the `CUresult`).
     #[error("CUDA call failed with code {0}")]
     Cuda(i32),

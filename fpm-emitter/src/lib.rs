@@ -22,7 +22,9 @@
 //!
 //! let config = EmitterConfig::new(Endpoint::IpcBase("ipc:///tmp/fpm".into()), "worker-1", 0);
 //! let mut emitter = Emitter::start(config)?;
-//! let stream = StreamHandle(0); // e.g. torch.cuda.current_stream().cuda_stream
+//! // The stream the forward pass is launched on: `unsafe { StreamHandle::from_raw(ptr) }` with
+//! // e.g. torch.cuda.current_stream().cuda_stream (see its safety contract).
+//! let stream = StreamHandle::DEFAULT;
 //! for _ in 0..3 {
 //!     emitter.begin_iteration();
 //!     emitter.time_segment(stream, || { /* launch the forward pass */ });
@@ -50,7 +52,7 @@ mod transport;
 pub use clock::{ClockKind, CpuClock, IterationClock, Span, StreamHandle, TimingPoll};
 pub use config::{ClockChoice, EmitterConfig, Endpoint, DEFAULT_TCP_PORT_BASE, PORT_ENV};
 #[cfg(feature = "cuda")]
-pub use cuda::CudaClock;
+pub use cuda::{driver as cuda_driver, ContextSource, CudaClock};
 pub use emitter::{Emitter, EmitterHandle};
 pub use error::{EmitterError, TimingError};
 pub use stats::{DropCounts, DropReason, EmitterStats};

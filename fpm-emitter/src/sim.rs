@@ -319,8 +319,8 @@ impl Rank {
                 next += p;
             }
             self.emitter.begin_iteration();
-            self.emitter.segment_start(StreamHandle(0));
-            self.emitter.segment_end(StreamHandle(0));
+            self.emitter.segment_start(StreamHandle::DEFAULT);
+            self.emitter.segment_end(StreamHandle::DEFAULT);
             self.emitter.submit(sched, queued);
             self.iterations += 1;
         }
@@ -439,7 +439,7 @@ impl Rank {
         let expected = cfg.cost.expected(prefill_tokens, decode_kv, decode_n);
         let secs = (expected * (1.0 + cfg.cost.noise * self.rng.normal())).max(0.0);
         self.emitter.begin_iteration();
-        self.emitter.time_segment(StreamHandle(0), || {
+        self.emitter.time_segment(StreamHandle::DEFAULT, || {
             std::thread::sleep(Duration::from_secs_f64(secs))
         });
         self.emitter.submit(sched.build(), queued.build());

@@ -26,11 +26,19 @@ pub enum DropReason {
     SendError,
     /// Still waiting for the GPU when the shutdown timeout expired.
     Shutdown,
+    /// Segment markers that do not pair up: an end without a start, or a segment still open
+    /// at submit (`segment_start` without `segment_end`).
+    Unpaired,
+    /// The events were recorded inside a CUDA graph capture and cannot be timed (time the
+    /// graph's replay instead).
+    GraphCapture,
+    /// The publisher thread is gone (it panicked): the iteration could not be handed over.
+    PublisherGone,
 }
 
 impl DropReason {
     /// Every reason, in a fixed order.
-    pub const ALL: [DropReason; 8] = [
+    pub const ALL: [DropReason; 11] = [
         DropReason::QueueFull,
         DropReason::TimingUnavailable,
         DropReason::TimingFailed,
@@ -39,7 +47,19 @@ impl DropReason {
         DropReason::SendHwm,
         DropReason::SendError,
         DropReason::Shutdown,
+        DropReason::Unpaired,
+        DropReason::GraphCapture,
+        DropReason::PublisherGone,
     ];
+
+    /// The reason for an iteration whose timing failed on the scheduler side.
+    pub fn for_timing_error(e: crate::TimingError) -> DropReason {
+        match e {
+            crate::TimingError::Unpaired => DropReason::Unpaired,
+            crate::TimingError::Captured => DropReason::GraphCapture,
+            _ => DropReason::TimingUnavailable,
+        }
+    }
 
     /// The metrics label.
     pub fn as_str(&self) -> &'static str {
@@ -52,6 +72,9 @@ impl DropReason {
             DropReason::SendHwm => "send_hwm",
             DropReason::SendError => "send_error",
             DropReason::Shutdown => "shutdown",
+            DropReason::Unpaired => "unpaired_segment",
+            DropReason::GraphCapture => "graph_capture",
+            DropReason::PublisherGone => "publisher_gone",
         }
     }
 
@@ -68,13 +91,18 @@ pub(crate) struct Counters {
     pub heartbeats: AtomicU64,
     pub heartbeats_dropped: AtomicU64,
     pub pending: AtomicU64,
-    dropped: [AtomicU64; 8],
+    dropped: [AtomicU64; DropReason::ALL.len()],
 }
 
 impl Counters {
     #[inline]
     pub fn drop_one(&self, reason: DropReason) {
-        self.dropped[reason.index()].fetch_add(1, Relaxed);
+        self.drop_n(reason, 1);
+    }
+
+    #[inline]
+    pub fn drop_n(&self, reason: DropReason, n: u64) {
+        self.dropped[reason.index()].fetch_add(n, Relaxed);
     }
 
     pub fn snapshot(&self, clock: ClockKind) -> EmitterStats {
@@ -95,6 +123,9 @@ impl Counters {
                 send_hwm: d(DropReason::SendHwm),
                 send_error: d(DropReason::SendError),
                 shutdown: d(DropReason::Shutdown),
+                unpaired_segment: d(DropReason::Unpaired),
+                graph_capture: d(DropReason::GraphCapture),
+                publisher_gone: d(DropReason::PublisherGone),
             },
         }
     }
@@ -119,23 +150,22 @@ pub struct DropCounts {
     pub send_error: u64,
     /// [`DropReason::Shutdown`].
     pub shutdown: u64,
+    /// [`DropReason::Unpaired`].
+    pub unpaired_segment: u64,
+    /// [`DropReason::GraphCapture`].
+    pub graph_capture: u64,
+    /// [`DropReason::PublisherGone`].
+    pub publisher_gone: u64,
 }
 
 impl DropCounts {
     /// All drops.
     pub fn total(&self) -> u64 {
-        self.queue_full
-            + self.timing_unavailable
-            + self.timing_failed
-            + self.multi_stream
-            + self.no_subscriber
-            + self.send_hwm
-            + self.send_error
-            + self.shutdown
+        self.by_reason().iter().map(|(_, n)| n).sum()
     }
 
     /// `(label, count)` pairs for metrics.
-    pub fn by_reason(&self) -> [(&'static str, u64); 8] {
+    pub fn by_reason(&self) -> [(&'static str, u64); DropReason::ALL.len()] {
         [
             ("queue_full", self.queue_full),
             ("timing_unavailable", self.timing_unavailable),
@@ -145,6 +175,9 @@ impl DropCounts {
             ("send_hwm", self.send_hwm),
             ("send_error", self.send_error),
             ("shutdown", self.shutdown),
+            ("unpaired_segment", self.unpaired_segment),
+            ("graph_capture", self.graph_capture),
+            ("publisher_gone", self.publisher_gone),
         ]
     }
 }
@@ -175,5 +208,69 @@ impl EmitterStats {
     /// Skipped multi-stream spans (also in `dropped.multi_stream`).
     pub fn skipped_multi_stream(&self) -> u64 {
         self.dropped.multi_stream
+    }
+}
+
+/// Logs iteration timing failures at ERROR without flooding: the first at once, then at most
+/// one line per interval carrying how many were dropped since the last line. Used only on the
+/// failure path (every failure is also counted by reason).
+#[derive(Debug)]
+pub(crate) struct FailureLog {
+    side: &'static str,
+    interval: std::time::Duration,
+    last: Option<std::time::Instant>,
+    since_last_line: u64,
+}
+
+impl FailureLog {
+    pub fn new(side: &'static str) -> Self {
+        FailureLog {
+            side,
+            interval: std::time::Duration::from_secs(10),
+            last: None,
+            since_last_line: 0,
+        }
+    }
+
+    #[cold]
+    pub fn record(&mut self, counter: u64, e: crate::TimingError) {
+        let now = std::time::Instant::now();
+        self.since_last_line += 1;
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < self.interval)
+        {
+            return;
+        }
+        tracing::error!(
+            side = self.side,
+            counter,
+            error = %e,
+            dropped_since_last_line = self.since_last_line,
+            "FPM iteration could not be timed; its sample is dropped and counted (further lines at most every 10 s)"
+        );
+        self.last = Some(now);
+        self.since_last_line = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_labels_and_counts_line_up() {
+        let c = Counters::default();
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i, "{r:?} out of order");
+            c.drop_n(*r, i as u64 + 1);
+        }
+        let snap = c.snapshot(ClockKind::Cpu);
+        let by = snap.dropped.by_reason();
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(by[i], (r.as_str(), i as u64 + 1));
+        }
+        let n = DropReason::ALL.len() as u64;
+        assert_eq!(snap.dropped.total(), n * (n + 1) / 2);
     }
 }
