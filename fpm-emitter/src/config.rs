@@ -138,6 +138,12 @@ pub struct EmitterConfig {
     pub poll_interval: Duration,
     /// The longest wait between polls of a pending timing (at least `poll_interval`).
     pub max_poll_interval: Duration,
+    /// At start-up, how long messages wait for the first subscriber (the relay usually
+    /// connects a moment after the engine binds): until one is there they are held, in
+    /// order, up to `queue_capacity` of them, and sent when it subscribes. Past this window,
+    /// or once a first message was delivered, a message with no subscriber is dropped and
+    /// counted `no_subscriber`. Zero disables holding.
+    pub first_subscriber_wait: Duration,
 }
 
 impl EmitterConfig {
@@ -155,6 +161,7 @@ impl EmitterConfig {
             send_hwm: 100_000,
             poll_interval: Duration::from_micros(100),
             max_poll_interval: Duration::from_millis(1),
+            first_subscriber_wait: Duration::from_secs(10),
         }
     }
 

@@ -14,7 +14,7 @@ use crate::clock::{ClockKind, CpuClock, IterationClock, Span, StreamHandle, Timi
 use crate::config::{ClockChoice, EmitterConfig};
 use crate::error::{EmitterError, TimingError};
 use crate::stats::{Counters, DropReason, EmitterStats, FailureLog};
-use crate::transport::{Transport, ZmqTransport};
+use crate::transport::{SendError, Transport, ZmqTransport};
 
 /// How an iteration's timing went on the scheduler side.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -218,6 +218,10 @@ impl Emitter {
             backoff: config.poll_interval,
             last_publish: Instant::now(),
             max_pending: config.queue_capacity,
+            held: VecDeque::new(),
+            hold_until: Instant::now() + config.first_subscriber_wait,
+            hold_capacity: config.queue_capacity,
+            ever_delivered: false,
             failures: FailureLog::new("publisher"),
         };
         let thread = std::thread::Builder::new()
@@ -497,14 +501,27 @@ struct Publisher {
     /// Iterations held waiting for their timing, at most (the queue capacity).
     max_pending: usize,
     failures: FailureLog,
+    /// Encoded messages held because no subscriber has connected yet (start-up only), in
+    /// counter order. Still counted as pending until sent or dropped.
+    held: VecDeque<(u64, Vec<u8>)>,
+    /// Until when messages are held for the first subscriber.
+    hold_until: Instant,
+    /// Messages held, at most.
+    hold_capacity: usize,
+    /// A message has been delivered: no more holding (a subscriber that leaves later is the
+    /// relay's restart, counted `no_subscriber` as before).
+    ever_delivered: bool,
 }
 
 impl Publisher {
     fn run(mut self) {
         self.clock.on_publisher_thread();
         loop {
+            self.flush_held(false);
             self.publish_ready();
-            let wait = if self.pending.is_empty() {
+            let wait = if !self.held.is_empty() {
+                Duration::from_millis(5)
+            } else if self.pending.is_empty() {
                 self.heartbeat_interval
                     .saturating_sub(self.last_publish.elapsed())
                     .max(Duration::from_millis(1))
@@ -565,10 +582,10 @@ impl Publisher {
                 self.clock.release(sub.span);
             }
             let counters = &self.shared.counters;
-            counters.pending.fetch_sub(1, Relaxed);
             match wall_time {
                 Ok(secs) => self.send(sub, secs),
                 Err(e) => {
+                    counters.pending.fetch_sub(1, Relaxed);
                     self.failures.record(sub.counter, e);
                     counters.drop_one(match e {
                         TimingError::Captured => DropReason::GraphCapture,
@@ -586,16 +603,67 @@ impl Publisher {
         self.message.queued_requests = sub.queued;
         fpm_schema::encode_into(&self.message, &mut self.buf);
         let counters = &self.shared.counters;
-        match self.transport.send(sub.counter, &self.buf) {
+        let result = if self.held.is_empty() {
+            self.transport.send(sub.counter, &self.buf)
+        } else {
+            // Behind messages held for the first subscriber: keep counter order.
+            Err(SendError::NoSubscriber)
+        };
+        match result {
             Ok(()) => {
+                counters.pending.fetch_sub(1, Relaxed);
                 counters.published.fetch_add(1, Relaxed);
                 self.last_publish = Instant::now();
+                self.ever_delivered = true;
             }
-            Err(e) => counters.drop_one(match e {
-                crate::transport::SendError::NoSubscriber => DropReason::NoSubscriber,
-                crate::transport::SendError::WouldBlock => DropReason::SendHwm,
-                _ => DropReason::SendError,
-            }),
+            Err(SendError::NoSubscriber) if self.holding() => {
+                if self.held.len() < self.hold_capacity {
+                    self.held.push_back((sub.counter, self.buf.clone()));
+                } else {
+                    counters.pending.fetch_sub(1, Relaxed);
+                    counters.drop_one(DropReason::NoSubscriber);
+                }
+            }
+            Err(e) => {
+                counters.pending.fetch_sub(1, Relaxed);
+                counters.drop_one(match e {
+                    SendError::NoSubscriber => DropReason::NoSubscriber,
+                    SendError::WouldBlock => DropReason::SendHwm,
+                    _ => DropReason::SendError,
+                });
+            }
+        }
+    }
+
+    /// Still in the start-up window where messages wait for the first subscriber?
+    fn holding(&self) -> bool {
+        !self.ever_delivered && Instant::now() < self.hold_until
+    }
+
+    /// Sends held messages, in order, once a subscriber is there; when the window has passed
+    /// (or at shutdown, `give_up`), drops what is left as `no_subscriber`.
+    fn flush_held(&mut self, give_up: bool) {
+        let counters = &self.shared.counters;
+        while let Some((counter, payload)) = self.held.front() {
+            match self.transport.send(*counter, payload) {
+                Ok(()) => {
+                    counters.pending.fetch_sub(1, Relaxed);
+                    counters.published.fetch_add(1, Relaxed);
+                    self.ever_delivered = true;
+                    self.last_publish = Instant::now();
+                    self.held.pop_front();
+                }
+                Err(SendError::NoSubscriber) if !give_up && self.holding() => return,
+                Err(e) => {
+                    counters.pending.fetch_sub(1, Relaxed);
+                    counters.drop_one(match e {
+                        SendError::WouldBlock => DropReason::SendHwm,
+                        SendError::Failed => DropReason::SendError,
+                        _ => DropReason::NoSubscriber,
+                    });
+                    self.held.pop_front();
+                }
+            }
         }
     }
 
@@ -603,6 +671,7 @@ impl Publisher {
     fn maybe_heartbeat(&mut self) {
         if !self.shared.idle.load(Relaxed)
             || !self.pending.is_empty()
+            || !self.held.is_empty()
             || self.last_publish.elapsed() < self.heartbeat_interval
         {
             return;
@@ -652,12 +721,15 @@ impl Publisher {
             self.pending.push_back(sub);
         }
         loop {
+            self.flush_held(false);
             self.publish_ready();
             if self.pending.is_empty() || Instant::now() >= deadline {
                 break;
             }
             std::thread::sleep(self.poll_interval);
         }
+        // Held for a subscriber that never came: counted `no_subscriber`.
+        self.flush_held(true);
         let counters = &self.shared.counters;
         for sub in self.pending.drain(..) {
             if sub.reserved {

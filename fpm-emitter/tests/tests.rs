@@ -314,6 +314,9 @@ mod logic {
     fn transport_refusals_are_counted_by_reason() {
         let t = MemoryTransport::new();
         let mut e = Emitter::start_with_transport(config(), t.clone()).unwrap();
+        // After a first delivery (no more start-up holding), refusals are drops.
+        e.submit(batch(1), QueuedRequestMetrics::default());
+        assert!(wait_until(Duration::from_secs(2), || e.stats().published == 1));
         t.refuse(Some(SendError::NoSubscriber));
         e.submit(batch(1), QueuedRequestMetrics::default());
         assert!(wait_until(Duration::from_secs(2), || e
@@ -331,7 +334,7 @@ mod logic {
         t.refuse(None);
         e.submit(batch(1), QueuedRequestMetrics::default());
         let stats = e.shutdown(Duration::from_secs(1));
-        assert_eq!(stats.published, 1);
+        assert_eq!(stats.published, 2);
         assert_eq!(stats.submitted, stats.published + stats.dropped.total());
     }
 
@@ -401,6 +404,137 @@ mod logic {
             3,
         );
         assert!(matches!(Emitter::start(cfg), Err(EmitterError::Config(_))));
+        let mut cfg = config();
+        cfg.poll_interval = Duration::ZERO; // would spin the publisher thread
+        let err = Emitter::start_with_transport(cfg, MemoryTransport::new()).unwrap_err();
+        assert!(err.to_string().contains("poll interval"), "{err}");
+        let mut cfg = config();
+        cfg.max_poll_interval = Duration::from_micros(10);
+        assert!(Emitter::start_with_transport(cfg, MemoryTransport::new()).is_err());
+    }
+
+    /// Until the first subscriber is there, messages are held (in order, counted as
+    /// pending), not dropped; past the window what is held is counted `no_subscriber`.
+    #[test]
+    fn start_up_messages_wait_for_the_first_subscriber_then_count() {
+        let t = MemoryTransport::new();
+        t.refuse(Some(SendError::NoSubscriber));
+        let mut cfg = config().with_queue_capacity(6);
+        cfg.first_subscriber_wait = Duration::from_millis(300);
+        let mut e = Emitter::start_with_transport(cfg, t.clone()).unwrap();
+        for _ in 0..8 {
+            iteration(&mut e, 0);
+            // One at a time (the publisher takes each at once), so the submission queue
+            // never fills: only the hold limit (6) applies.
+            std::thread::sleep(Duration::from_millis(30));
+        }
+        let s = e.stats();
+        assert_eq!(
+            (s.pending_timings, s.dropped.no_subscriber),
+            (6, 2),
+            "{s:?}"
+        );
+        assert_eq!(
+            s.submitted,
+            s.published + s.dropped.total() + s.pending_timings
+        );
+        // The window passes with no subscriber: the held six are counted too.
+        assert!(wait_until(Duration::from_secs(3), || e
+            .stats()
+            .dropped
+            .no_subscriber
+            == 8));
+        t.refuse(None);
+        iteration(&mut e, 0);
+        let stats = e.shutdown(Duration::from_secs(1));
+        assert_eq!(stats.published, 1);
+        assert_eq!(stats.submitted, stats.published + stats.dropped.total());
+        assert_eq!(t.sent()[0].counter, 8);
+    }
+
+    /// A subscriber arriving within the window gets every held message, in counter order,
+    /// before anything newer (and no heartbeat jumps the queue).
+    #[test]
+    fn held_messages_reach_a_late_subscriber_in_order() {
+        let t = MemoryTransport::new();
+        t.refuse(Some(SendError::NoSubscriber));
+        let mut cfg = config().with_heartbeat_interval(Duration::from_millis(10));
+        cfg.first_subscriber_wait = Duration::from_secs(10);
+        let mut e = Emitter::start_with_transport(cfg, t.clone()).unwrap();
+        for _ in 0..50 {
+            iteration(&mut e, 0);
+        }
+        e.set_idle(true);
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(t.sent().is_empty());
+        t.refuse(None);
+        assert!(wait_until(Duration::from_secs(2), || t.sent().len() >= 50));
+        for _ in 0..5 {
+            iteration(&mut e, 0);
+        }
+        let stats = e.shutdown(Duration::from_secs(1));
+        let counters: Vec<u64> = t.sent().iter().map(|m| m.counter).collect();
+        assert_eq!(counters, (0..counters.len() as u64).collect::<Vec<_>>());
+        assert_eq!(stats.published, 55);
+        assert_eq!(stats.dropped.total(), 0);
+    }
+
+    /// `pending` is counted before the hand-over, so a reader never sees it wrap below zero
+    /// while the publisher races the scheduler.
+    #[test]
+    fn pending_never_wraps_under_a_racing_reader() {
+        let t = MemoryTransport::new();
+        let mut e = Emitter::start_with_transport(config(), t.clone()).unwrap();
+        let h = e.handle();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut worst = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    worst = worst.max(h.stats().pending_timings);
+                }
+                worst
+            })
+        };
+        let start = Instant::now();
+        let mut n = 0u64;
+        while start.elapsed() < Duration::from_millis(500) {
+            e.submit(batch(1), QueuedRequestMetrics::default());
+            n += 1;
+        }
+        stop.store(true, Ordering::Relaxed);
+        let worst = reader.join().unwrap();
+        assert!(worst <= n, "pending read {worst} after {n} submits");
+        let stats = e.shutdown(Duration::from_secs(2));
+        assert_eq!(stats.submitted, stats.published + stats.dropped.total());
+    }
+
+    /// A transport that panics: the publisher thread dies. Later submits are counted
+    /// `publisher_gone` (not `queue_full`), the panic is reported at shutdown, and what the
+    /// dead thread held is counted too, so the totals still add up.
+    #[test]
+    fn a_dead_publisher_is_counted_as_such() {
+        struct Panics;
+        impl Transport for Panics {
+            fn send(&mut self, _: u64, _: &[u8]) -> Result<(), SendError> {
+                panic!("transport bug (test)");
+            }
+            fn close(&mut self, _: Duration) {}
+            fn describe(&self) -> String {
+                "panics".into()
+            }
+        }
+        let mut e = Emitter::start_with_transport(config(), Panics).unwrap();
+        iteration(&mut e, 0);
+        assert!(wait_until(Duration::from_secs(2), || {
+            iteration(&mut e, 0) == Some(DropReason::PublisherGone)
+        }));
+        let stats = e.shutdown(Duration::from_secs(1));
+        assert!(stats.dropped.publisher_gone >= 2, "{stats:?}");
+        assert_eq!(stats.dropped.queue_full, 0);
+        assert_eq!(stats.pending_timings, 0);
+        assert_eq!(stats.submitted, stats.published + stats.dropped.total());
     }
 }
 
@@ -418,6 +552,32 @@ mod zmq_socket {
 
     /// Submits until the first message reaches `s` (the subscription takes a moment to reach
     /// the publisher); returns its frames.
+    /// The normal start-up order: the engine binds and starts emitting, the relay's SUB
+    /// connects a little later. Nothing is lost in between: every counter from 0 arrives.
+    #[test]
+    fn nothing_is_lost_before_the_relay_connects() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = fpm_testkit::ipc_base(dir.path(), "fpm");
+        let cfg = EmitterConfig::new(Endpoint::IpcBase(base.clone()), "w", 0)
+            .with_clock(ClockChoice::Cpu);
+        let mut e = Emitter::start(cfg).unwrap();
+        for _ in 0..100 {
+            iteration(&mut e, 0);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let (_ctx, s) = sub(&format!("{base}.0"));
+        s.set_rcvtimeo(5000).unwrap();
+        let mut got = Vec::new();
+        while got.len() < 100 {
+            let frames = s.recv_multipart(0).expect("held messages did not arrive");
+            got.push(u64::from_be_bytes(frames[1].as_slice().try_into().unwrap()));
+        }
+        assert_eq!(got, (0..100).collect::<Vec<_>>());
+        let stats = e.shutdown(Duration::from_secs(1));
+        assert_eq!(stats.dropped.no_subscriber, 0, "{stats:?}");
+        assert_eq!(stats.published, 100);
+    }
+
     fn first_message(e: &mut Emitter, s: &zmq::Socket) -> Vec<Vec<u8>> {
         for _ in 0..200 {
             e.submit(batch(2), QueuedRequestMetrics::default());
@@ -435,11 +595,13 @@ mod zmq_socket {
         let base = fpm_testkit::ipc_base(dir.path(), "fpm");
         // A stale socket file from a crashed engine.
         std::fs::write(dir.path().join("fpm.1"), b"stale").unwrap();
-        let cfg = EmitterConfig::new(Endpoint::IpcBase(base.clone()), "w-ipc", 1)
+        let mut cfg = EmitterConfig::new(Endpoint::IpcBase(base.clone()), "w-ipc", 1)
             .with_clock(ClockChoice::Cpu);
+        cfg.first_subscriber_wait = Duration::ZERO;
         let mut e = Emitter::start(cfg).unwrap();
         assert_eq!(e.endpoint(), format!("{base}.1"));
-        // Before anyone subscribes, messages are counted as having no subscriber.
+        // With start-up holding off, a message before anyone subscribes is counted as having
+        // no subscriber.
         e.submit(batch(1), QueuedRequestMetrics::default());
         assert!(wait_until(Duration::from_secs(2), || e
             .stats()
