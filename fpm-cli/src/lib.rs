@@ -6,7 +6,10 @@ use clap::{Parser, Subcommand};
 
 pub mod commands;
 
-/// Forward Pass Metrics tools: inspect, relay, record and simulate per-iteration engine metrics.
+/// Forward Pass Metrics tools: decode and encode messages, relay them from engines to NATS,
+/// and simulate an engine that publishes them.
+///
+/// Errors print one line (`fpm: error: ...`) and exit 1, argument errors included.
 #[derive(Debug, Parser)]
 #[command(name = "fpm", version, propagate_version = true)]
 pub struct Cli {
@@ -49,7 +52,39 @@ pub fn init_logging(verbose: u8, quiet: u8) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(use_colour(
+            std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            std::env::var_os("NO_COLOR").as_deref(),
+        ))
         .try_init();
+}
+
+/// Colour in logs only on a terminal, and never when `NO_COLOR` is set to anything non-empty
+/// (<https://no-color.org>).
+pub fn use_colour(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
+/// Turns a clap error into what `main` prints and the exit code: help and version go to
+/// standard output with exit 0; argument errors become one line (clap's first line, without
+/// its `error: ` prefix, and where to get help) with exit 1, like every other error.
+pub fn argument_error(e: &clap::Error) -> (String, u8) {
+    use clap::error::ErrorKind;
+    match e.kind() {
+        ErrorKind::DisplayHelp
+        | ErrorKind::DisplayVersion
+        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => (e.render().to_string(), 0),
+        _ => {
+            let text = e.render().to_string();
+            let first = text
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("invalid arguments")
+                .trim();
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            (format!("fpm: error: {first} (see `fpm --help`)"), 1)
+        }
+    }
 }
 
 /// Runs one parsed command line.

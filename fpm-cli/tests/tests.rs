@@ -254,3 +254,162 @@ mod relay {
         assert!(err.to_lowercase().contains("nats"), "{err}");
     }
 }
+
+/// Rules every command keeps: argument errors are one line with exit 1, help names only what
+/// exists, logs carry no colour codes off a terminal.
+mod cli_rules {
+    use std::process::{Command, Output};
+    use std::time::{Duration, Instant};
+
+    fn fpm(args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_fpm"))
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn one_line_exit_1(args: &[&str], needle: &str) {
+        let out = fpm(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with("fpm: error: "), "{args:?}: {err}");
+        assert!(
+            err.contains(needle),
+            "{args:?}: {err} (expected {needle:?})"
+        );
+    }
+
+    #[test]
+    fn sim_rejects_nonsense_numbers_in_one_line() {
+        for (flag, value) in [
+            ("--rps", "-5"),
+            ("--rps", "0"),
+            ("--prompt-len", "-100"),
+            ("--output-len", "0"),
+            ("--noise", "-1"),
+            ("--noise", "NaN"),
+            ("--cost-base-ms", "-4"),
+            ("--cost-prefill-us", "-1"),
+            ("--kv-capacity", "0"),
+            ("--max-num-batched-tokens", "0"),
+            ("--max-num-seqs", "0"),
+            ("--dp-size", "0"),
+        ] {
+            one_line_exit_1(&["sim", flag, value, "--duration", "1s"], flag);
+            let joined = format!("{flag}={value}");
+            one_line_exit_1(&["sim", &joined, "--duration", "1s"], flag);
+        }
+        one_line_exit_1(
+            &["sim", "--kv-capacity", "100", "--duration", "1s"],
+            "--kv-capacity",
+        );
+        one_line_exit_1(&["sim", "--no-such-flag"], "--no-such-flag");
+        one_line_exit_1(&["nonsense"], "nonsense");
+    }
+
+    #[test]
+    fn dp_size_zero_is_not_a_port_problem() {
+        let out = fpm(&["sim", "--dp-size", "0", "--endpoint", "65535"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--dp-size"), "{err}");
+        assert!(!err.contains("port"), "{err}");
+    }
+
+    #[test]
+    fn help_names_only_commands_that_exist() {
+        let out = fpm(&["--help"]);
+        assert_eq!(out.status.code(), Some(0));
+        let text = String::from_utf8_lossy(&out.stdout);
+        for cmd in ["decode", "encode", "relay", "sim"] {
+            assert!(text.contains(cmd), "{cmd} missing from: {text}");
+        }
+        for missing in ["record", "watch", "demo", "bench", "inspect"] {
+            assert!(!text.contains(missing), "{missing} named in: {text}");
+        }
+        assert!(!env!("CARGO_PKG_DESCRIPTION").contains("watch"));
+    }
+
+    #[test]
+    fn a_second_sim_on_a_live_ipc_path_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let endpoint = format!("ipc://{}", dir.path().join("sim").display());
+        let mut first = Command::new(env!("CARGO_BIN_EXE_fpm"))
+            .args(["-q", "sim", "--endpoint", &endpoint, "--duration", "20s"])
+            .spawn()
+            .unwrap();
+        let sock = dir.path().join("sim.0");
+        let t = Instant::now();
+        while !sock.exists() && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = fpm(&["-q", "sim", "--endpoint", &endpoint, "--duration", "1s"]);
+        let _ = first.kill();
+        let _ = first.wait();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains("in use by another running process"), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        // No message repeated in the chain.
+        let line = err.trim();
+        for part in line.split(": ").filter(|p| p.len() > 12) {
+            assert_eq!(line.matches(part).count(), 1, "repeated {part:?} in {line}");
+        }
+    }
+
+    #[test]
+    fn logs_have_no_colour_codes_off_a_terminal_and_the_table_lines_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let long = dir
+            .path()
+            .join("a-rather-long-directory-name-for-the-socket");
+        std::fs::create_dir(&long).unwrap();
+        let endpoint = format!("ipc://{}", long.join("sim").display());
+        let out = fpm(&[
+            "sim",
+            "--endpoint",
+            &endpoint,
+            "--duration",
+            "300ms",
+            "--dp-size",
+            "2",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("fpm sim running"), "{err}");
+        assert!(!err.contains('\x1b'), "colour codes in piped logs: {err:?}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        // Every column ends where its header ends: the third token (iterations) of each row.
+        let ends = |l: &str| -> Vec<usize> {
+            let mut v = Vec::new();
+            let mut in_tok = false;
+            for (i, c) in l.char_indices() {
+                if c == ' ' && in_tok {
+                    v.push(i);
+                }
+                in_tok = c != ' ';
+            }
+            v
+        };
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        let header = ends(lines[0]);
+        for l in &lines[1..] {
+            // Right-aligned numeric columns: iterations .. dropped.
+            assert_eq!(ends(l)[2..9], header[2..9], "misaligned:\n{text}");
+        }
+    }
+
+    #[test]
+    fn colour_rule() {
+        use std::ffi::OsStr;
+        assert!(fpm_cli::use_colour(true, None));
+        assert!(fpm_cli::use_colour(true, Some(OsStr::new(""))));
+        assert!(!fpm_cli::use_colour(true, Some(OsStr::new("1"))));
+        assert!(!fpm_cli::use_colour(false, None));
+    }
+}

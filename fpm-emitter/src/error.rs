@@ -9,14 +9,22 @@ pub enum EmitterError {
     /// The configuration is invalid.
     #[error("invalid emitter configuration: {0}")]
     Config(String),
-    /// The ZeroMQ socket could not be created or bound.
-    #[error("cannot bind the FPM publisher to {endpoint}: {source}")]
+    /// The ZeroMQ socket could not be created or bound. (The display names the endpoint; the
+    /// cause is the source, so a `{:#}` chain prints it once.)
+    #[error("cannot bind the FPM publisher to {endpoint}")]
     Bind {
         /// The address.
         endpoint: String,
         /// The ZeroMQ error.
         #[source]
         source: zmq::Error,
+    },
+    /// Another live process is publishing on this ipc path (its socket accepts
+    /// connections): refusing to take it over.
+    #[error("{endpoint} is in use by another running process (another engine or `fpm sim`?); stop it or choose another path")]
+    InUse {
+        /// The address.
+        endpoint: String,
     },
     /// CUDA timing was required (`ClockChoice::Cuda`) but is not available.
     #[error("CUDA timing requested but unavailable: {0}")]

@@ -77,7 +77,14 @@ impl ZmqTransport {
             source,
         };
         if let Some(path) = endpoint.strip_prefix("ipc://") {
-            // A socket file left by a crashed process makes bind fail with EADDRINUSE.
+            // A socket file left by a crashed process makes bind fail with EADDRINUSE: remove
+            // it, but only if nobody is listening there; a live one belongs to another engine
+            // (or another `fpm sim`), which binding here would silently cut off.
+            if ipc_listener_alive(path) {
+                return Err(EmitterError::InUse {
+                    endpoint: endpoint.to_owned(),
+                });
+            }
             let _ = std::fs::remove_file(path);
         }
         let ctx = zmq::Context::new();
@@ -105,6 +112,19 @@ impl ZmqTransport {
                 _ => {}
             }
         }
+    }
+}
+
+/// Is a process listening on the Unix socket at `path`? (A stale file refuses connections.)
+fn ipc_listener_alive(path: &str) -> bool {
+    #[cfg(unix)]
+    {
+        std::os::unix::net::UnixStream::connect(path).is_ok()
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        false
     }
 }
 

@@ -19,7 +19,7 @@ pub struct SimArgs {
     #[arg(long, env = "FPM_SIM_ENDPOINT", default_value = "ipc:///tmp/fpm-sim")]
     pub endpoint: String,
     /// Data-parallel ranks: one scheduler thread and one socket each.
-    #[arg(long, env = "FPM_SIM_DP_SIZE", default_value_t = 1)]
+    #[arg(long, env = "FPM_SIM_DP_SIZE", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024), allow_negative_numbers = true)]
     pub dp_size: u32,
     /// Engine identity stamped on every message.
     #[arg(long, env = "FPM_SIM_WORKER_ID", default_value = "fpm-sim")]
@@ -27,23 +27,23 @@ pub struct SimArgs {
     /// How long to run (`30s`, `2m`, `500ms`, or seconds); Ctrl-C stops earlier.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub duration: Duration,
-    /// Request arrivals per second across all ranks (Poisson).
-    #[arg(long, default_value_t = 4.0)]
+    /// Request arrivals per second across all ranks (Poisson; > 0).
+    #[arg(long, default_value_t = 4.0, value_parser = positive, allow_negative_numbers = true)]
     pub rps: f64,
-    /// Mean prompt length in tokens (log-normal).
-    #[arg(long, default_value_t = 1024.0)]
+    /// Mean prompt length in tokens (log-normal; > 0).
+    #[arg(long, default_value_t = 1024.0, value_parser = positive, allow_negative_numbers = true)]
     pub prompt_len: f64,
-    /// Mean output length in tokens (log-normal).
-    #[arg(long, default_value_t = 256.0)]
+    /// Mean output length in tokens (log-normal; > 0).
+    #[arg(long, default_value_t = 256.0, value_parser = positive, allow_negative_numbers = true)]
     pub output_len: f64,
-    /// Token budget per iteration: longer prompts are prefilled in chunks.
-    #[arg(long, default_value_t = 2048)]
+    /// Token budget per iteration: longer prompts are prefilled in chunks (≥ 1).
+    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(i64).range(1..), allow_negative_numbers = true)]
     pub max_num_batched_tokens: i64,
-    /// Running requests per rank, at most.
-    #[arg(long, default_value_t = 256)]
+    /// Running requests per rank, at most (≥ 1).
+    #[arg(long, default_value_t = 256, value_parser = at_least_one, allow_negative_numbers = true)]
     pub max_num_seqs: usize,
-    /// KV-cache capacity per rank in tokens; when full, the newest request is preempted.
-    #[arg(long, default_value_t = 262_144)]
+    /// KV-cache capacity per rank in tokens; when full, the newest request is preempted (≥ 1).
+    #[arg(long, default_value_t = 262_144, value_parser = clap::value_parser!(i64).range(1..), allow_negative_numbers = true)]
     pub kv_capacity: i64,
     /// Load-test mode: publish N messages per second per rank, or `max`, ignoring the model.
     #[arg(long, value_parser = parse_rate)]
@@ -51,24 +51,65 @@ pub struct SimArgs {
     /// Random seed (rank r uses seed + r).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Cost model: fixed milliseconds per iteration.
-    #[arg(long, default_value_t = 4.0)]
+    /// Cost model: fixed milliseconds per iteration (≥ 0).
+    #[arg(long, default_value_t = 4.0, value_parser = non_negative, allow_negative_numbers = true)]
     pub cost_base_ms: f64,
-    /// Cost model: microseconds per prefill token.
-    #[arg(long, default_value_t = 20.0)]
+    /// Cost model: microseconds per prefill token (≥ 0).
+    #[arg(long, default_value_t = 20.0, value_parser = non_negative, allow_negative_numbers = true)]
     pub cost_prefill_us: f64,
-    /// Cost model: nanoseconds per KV token read by decode.
-    #[arg(long, default_value_t = 20.0)]
+    /// Cost model: nanoseconds per KV token read by decode (≥ 0).
+    #[arg(long, default_value_t = 20.0, value_parser = non_negative, allow_negative_numbers = true)]
     pub cost_decode_kv_ns: f64,
-    /// Cost model: microseconds per decode request.
-    #[arg(long, default_value_t = 10.0)]
+    /// Cost model: microseconds per decode request (≥ 0).
+    #[arg(long, default_value_t = 10.0, value_parser = non_negative, allow_negative_numbers = true)]
     pub cost_decode_request_us: f64,
-    /// Cost model: relative noise (standard deviation).
-    #[arg(long, default_value_t = 0.03)]
+    /// Cost model: relative noise, the standard deviation as a fraction of the cost (0 to 1).
+    #[arg(long, default_value_t = 0.03, value_parser = fraction, allow_negative_numbers = true)]
     pub noise: f64,
     /// Idle heartbeat interval.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub heartbeat_interval: Duration,
+}
+
+fn number(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() => Ok(v),
+        _ => Err(format!("{s:?} is not a finite number")),
+    }
+}
+
+fn positive(s: &str) -> Result<f64, String> {
+    let v = number(s)?;
+    if v > 0.0 {
+        Ok(v)
+    } else {
+        Err(format!("{s} must be greater than 0"))
+    }
+}
+
+fn non_negative(s: &str) -> Result<f64, String> {
+    let v = number(s)?;
+    if v >= 0.0 {
+        Ok(v)
+    } else {
+        Err(format!("{s} must not be negative"))
+    }
+}
+
+fn fraction(s: &str) -> Result<f64, String> {
+    let v = number(s)?;
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{s} must be between 0 and 1"))
+    }
+}
+
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(v) if v >= 1 => Ok(v),
+        _ => Err(format!("{s:?} must be a whole number, at least 1")),
+    }
 }
 
 fn parse_rate(s: &str) -> Result<Rate, String> {
@@ -106,6 +147,14 @@ pub fn run(args: SimArgs) -> Result<()> {
     if args.dp_size == 0 {
         bail!("--dp-size must be at least 1");
     }
+    if args.kv_capacity < args.max_num_batched_tokens {
+        bail!(
+            "--kv-capacity ({}) must be at least --max-num-batched-tokens ({}): \
+             an iteration's tokens must fit in the KV cache",
+            args.kv_capacity,
+            args.max_num_batched_tokens
+        );
+    }
     let endpoint = Endpoint::parse(&args.endpoint).with_context(|| "invalid --endpoint")?;
     let mut cfg = SimConfig::new(endpoint, args.worker_id);
     cfg.dp_size = args.dp_size;
@@ -136,8 +185,14 @@ pub fn run(args: SimArgs) -> Result<()> {
         "fpm sim running"
     );
     let reports = sim::run(&cfg, stop).context("cannot start the simulated engine")?;
+    let w = reports
+        .iter()
+        .map(|r| r.endpoint.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max("endpoint".len());
     println!(
-        "{:>4}  {:<28} {:>10} {:>8} {:>8} {:>8} {:>10} {:>10} {:>8}  dropped by reason",
+        "{:>4}  {:<w$} {:>10} {:>8} {:>8} {:>8} {:>10} {:>10} {:>8}  dropped by reason",
         "rank",
         "endpoint",
         "iterations",
@@ -158,7 +213,7 @@ pub fn run(args: SimArgs) -> Result<()> {
             .map(|(k, n)| format!("{k}={n}"))
             .collect();
         println!(
-            "{:>4}  {:<28} {:>10} {:>8} {:>8} {:>8} {:>10} {:>10} {:>8}  {}",
+            "{:>4}  {:<w$} {:>10} {:>8} {:>8} {:>8} {:>10} {:>10} {:>8}  {}",
             r.dp_rank,
             r.endpoint,
             r.iterations,
@@ -187,5 +242,15 @@ mod tests {
         assert_eq!(parse_rate("max").unwrap(), Rate::Max);
         assert_eq!(parse_rate("100").unwrap(), Rate::PerSecond(100.0));
         assert!(parse_rate("0").is_err());
+    }
+
+    #[test]
+    fn number_flags() {
+        assert!(positive("-5").is_err() && positive("0").is_err() && positive("NaN").is_err());
+        assert_eq!(positive("2.5"), Ok(2.5));
+        assert!(non_negative("-4").is_err() && non_negative("inf").is_err());
+        assert_eq!(non_negative("0"), Ok(0.0));
+        assert!(fraction("-1").is_err() && fraction("1.5").is_err());
+        assert!(at_least_one("0").is_err() && at_least_one("-3").is_err());
     }
 }
