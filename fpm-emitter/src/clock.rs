@@ -32,7 +32,20 @@ impl ClockKind {
 ///
 /// The CUDA clock hands the raw value to `cuEventRecord`, so only the constructors for the
 /// driver's own special streams are safe; any other value goes through the `unsafe`
-/// [`StreamHandle::from_raw`] and its contract.
+/// [`StreamHandle::from_raw`] and its contract: safe code cannot make one from an integer.
+///
+/// ```compile_fail
+/// let s = fpm_emitter::StreamHandle(0x7f00_dead_beef); // private field: does not compile
+/// ```
+///
+/// ```
+/// use fpm_emitter::StreamHandle;
+/// let legacy = StreamHandle::DEFAULT; // safe: the driver's own null stream
+/// // SAFETY: a stream that outlives the emitter's timing of it.
+/// let s = unsafe { StreamHandle::from_raw(0x7f00_dead_beef) };
+/// assert_eq!(s.raw(), 0x7f00_dead_beef);
+/// assert!(legacy.is_special() && !s.is_special());
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct StreamHandle(u64);
 
