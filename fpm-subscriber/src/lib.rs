@@ -1,7 +1,24 @@
-//! Planner side of FPM: will consume FPM envelopes from NATS, track every engine and
-//! data-parallel rank, and bucket samples for the planner's performance model.
+//! The planner side of Forward Pass Metrics: consume the relay's NATS events, track every
+//! engine stream, account for every lost message.
 //!
-//! Not implemented yet: this crate is a placeholder in the workspace layout. Today, consume
-//! the relay's output with Dynamo's own `FpmEventSubscriber`, or decode envelopes with
-//! [`fpm_schema::Envelope::decode`] and [`fpm_schema::decode`].
+//! - [`SubjectFilter`]: what to subscribe to (namespace / component / endpoint, `*` for any;
+//!   endpoint scope, component scope or both).
+//! - [`Ingest`]: NATS message → [`Sample`] (envelope metadata + decoded metrics); anything
+//!   else is counted by [`RejectReason`], never fatal.
+//! - [`Tracker`]: the latest metrics per `(worker_id, dp_rank)`, counter gaps, duplicates,
+//!   reordering, producer restarts, `missed_before_start`, envelope sequence gaps per relay,
+//!   staleness, and a cap on tracked streams.
+//! - [`Subscriber`]: the three over a live NATS subscription.
 #![deny(missing_docs)]
+
+mod filter;
+mod ingest;
+mod subscriber;
+mod tracker;
+
+pub use filter::{ScopeFilter, Segment, Source, SubjectFilter};
+pub use ingest::{Ingest, RejectCounts, RejectReason, Sample};
+pub use subscriber::{unix_now_ns, Subscriber, SubscriberConfig, SubscriberStats};
+pub use tracker::{
+    LossCounts, Observation, SequenceCounts, StreamKey, StreamState, Sweep, Tracker, TrackerConfig,
+};

@@ -1,0 +1,175 @@
+//! A live NATS subscription feeding [`Ingest`] and [`Tracker`].
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::stream::{SelectAll, StreamExt};
+
+use crate::filter::SubjectFilter;
+use crate::ingest::{Ingest, RejectCounts, Sample};
+use crate::tracker::{LossCounts, SequenceCounts, Sweep, Tracker, TrackerConfig};
+
+/// The wall clock in Unix nanoseconds (receive timestamps).
+pub fn unix_now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// What to subscribe to and how to track it.
+#[derive(Debug, Clone)]
+pub struct SubscriberConfig {
+    /// Subjects.
+    pub filter: SubjectFilter,
+    /// Tracking limits and timings.
+    pub tracker: TrackerConfig,
+    /// Largest FPM payload accepted (bytes); larger ones are counted `too_large`.
+    pub max_payload: usize,
+    /// How often [`Subscriber::next`] sweeps for stale streams while messages flow.
+    pub sweep_interval: Duration,
+}
+
+impl SubscriberConfig {
+    /// Defaults for everything but the filter.
+    pub fn new(filter: SubjectFilter) -> Self {
+        SubscriberConfig {
+            filter,
+            tracker: TrackerConfig::default(),
+            max_payload: fpm_schema::DEFAULT_MAX_SIZE,
+            sweep_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A snapshot of a subscriber's counters. `received == samples + rejected.total()`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubscriberStats {
+    /// NATS messages received.
+    pub received: u64,
+    /// Samples made.
+    pub samples: u64,
+    /// Messages rejected, by reason.
+    pub rejected: RejectCounts,
+    /// Per-stream loss accounting, summed.
+    pub streams: LossCounts,
+    /// Envelope sequence accounting across relays.
+    pub sequence: SequenceCounts,
+    /// Streams tracked now.
+    pub tracked_streams: u64,
+    /// Samples of streams over the cap.
+    pub untracked: u64,
+    /// Messages the NATS client dropped because this subscriber fell behind, as reported by
+    /// the client's slow-consumer events (see [`Subscriber::slow_consumer_counter`]).
+    pub slow_consumer_drops: u64,
+}
+
+/// Subscribes, decodes, tracks. Pull samples with [`Subscriber::next`].
+///
+/// ```no_run
+/// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+/// use fpm_subscriber::{ScopeFilter, SubjectFilter, Subscriber, SubscriberConfig};
+/// let client = async_nats::connect("nats://127.0.0.1:4222").await?;
+/// let filter = SubjectFilter::parse("dynamo", "*", "*", ScopeFilter::Endpoint)?;
+/// let mut sub = Subscriber::subscribe(&client, SubscriberConfig::new(filter)).await?;
+/// while let Some(sample) = sub.next().await {
+///     println!("{} rank {}: {} s", sample.metrics.worker_id, sample.metrics.dp_rank, sample.metrics.wall_time);
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Subscriber {
+    subs: SelectAll<async_nats::Subscriber>,
+    ingest: Ingest,
+    tracker: Tracker,
+    slow_consumer: Arc<AtomicU64>,
+    sweep_interval_ns: u64,
+    last_sweep_ns: u64,
+}
+
+impl Subscriber {
+    /// Subscribes to every subject of `config.filter` on `client`.
+    ///
+    /// # Errors
+    /// A subscription the client refused.
+    pub async fn subscribe(
+        client: &async_nats::Client,
+        config: SubscriberConfig,
+    ) -> Result<Self, async_nats::SubscribeError> {
+        let mut subs = SelectAll::new();
+        for subject in config.filter.nats_subjects() {
+            subs.push(client.subscribe(subject).await?);
+        }
+        Ok(Subscriber {
+            subs,
+            ingest: Ingest::new(config.filter, config.max_payload),
+            tracker: Tracker::new(config.tracker),
+            slow_consumer: Arc::new(AtomicU64::new(0)),
+            sweep_interval_ns: config.sweep_interval.as_nanos() as u64,
+            last_sweep_ns: unix_now_ns(),
+        })
+    }
+
+    /// The next sample (already tracked); bad messages are counted and skipped. `None` once
+    /// the subscriptions end (client closed).
+    pub async fn next(&mut self) -> Option<Sample> {
+        loop {
+            let msg = self.subs.next().await?;
+            let now = unix_now_ns();
+            if now.saturating_sub(self.last_sweep_ns) >= self.sweep_interval_ns {
+                self.sweep(now);
+            }
+            if let Ok(sample) = self.ingest.ingest(msg.subject.as_str(), &msg.payload, now) {
+                self.tracker.observe(&sample);
+                return Some(sample);
+            }
+        }
+    }
+
+    /// Marks stale and removes silent streams as of `now_ns` (call it on a timer when
+    /// messages may stop altogether).
+    pub fn sweep(&mut self, now_ns: u64) -> Sweep {
+        self.last_sweep_ns = now_ns;
+        self.tracker.sweep(now_ns)
+    }
+
+    /// The tracker.
+    pub fn tracker(&self) -> &Tracker {
+        &self.tracker
+    }
+
+    /// The decoder and its counts.
+    pub fn ingest(&self) -> &Ingest {
+        &self.ingest
+    }
+
+    /// A counter to increment from the NATS client's event callback on
+    /// `async_nats::Event::SlowConsumer` (the client owns the callback, so the subscriber
+    /// cannot install it). Each event is one message dropped by the client; when the
+    /// client's own event queue is full events are lost too, so envelope sequence gaps
+    /// ([`SequenceCounts::gap_messages`]) are the complete count of lost envelopes.
+    pub fn slow_consumer_counter(&self) -> Arc<AtomicU64> {
+        self.slow_consumer.clone()
+    }
+
+    /// Uses `counter` as the slow-consumer counter (one made before the client connected).
+    pub fn with_slow_consumer_counter(mut self, counter: Arc<AtomicU64>) -> Self {
+        self.slow_consumer = counter;
+        self
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> SubscriberStats {
+        SubscriberStats {
+            received: self.ingest.received(),
+            samples: self.ingest.samples(),
+            rejected: self.ingest.rejected(),
+            streams: self.tracker.totals(),
+            sequence: self.tracker.sequence(),
+            tracked_streams: self.tracker.streams().count() as u64,
+            untracked: self.tracker.untracked(),
+            slow_consumer_drops: self.slow_consumer.load(Relaxed),
+        }
+    }
+}

@@ -1,0 +1,265 @@
+//! The subscriber against real parts: our emitter and relay, a private nats-server, and
+//! Dynamo 1.6.1's own `FpmEventRelay` (from the contract venv).
+
+use std::time::{Duration, Instant};
+
+use fpm_emitter::{ClockChoice, Emitter, EmitterConfig, Endpoint, StreamHandle};
+use fpm_relay::{Relay, RelayConfig};
+use fpm_schema::{Envelope, QueuedRequestMetrics, ScheduledRequestMetrics};
+use fpm_subscriber::{ScopeFilter, SubjectFilter, Subscriber, SubscriberConfig, TrackerConfig};
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+
+const T: Duration = Duration::from_secs(20);
+
+fn emitter(base: &str, worker: &str, rank: u32) -> Emitter {
+    let cfg = EmitterConfig::new(Endpoint::IpcBase(base.into()), worker, rank)
+        .with_clock(ClockChoice::Cpu)
+        .with_heartbeat_interval(Duration::from_millis(100));
+    Emitter::start(cfg).unwrap()
+}
+
+fn iterate(e: &mut Emitter, n: usize) {
+    for i in 0..n {
+        e.begin_iteration();
+        e.time_segment(StreamHandle::DEFAULT, || {
+            std::thread::sleep(Duration::from_micros(50))
+        });
+        let s = ScheduledRequestMetrics {
+            num_decode_requests: (i % 7 + 1) as i64,
+            sum_decode_kv_tokens: 1000 + i as i64,
+            ..Default::default()
+        };
+        e.submit(s, QueuedRequestMetrics::default());
+    }
+}
+
+async fn take(sub: &mut Subscriber, n: usize) -> Vec<fpm_subscriber::Sample> {
+    let mut v = Vec::new();
+    while v.len() < n {
+        match timeout(T, sub.next()).await {
+            Ok(Some(s)) => v.push(s),
+            Ok(None) => panic!("subscription ended after {} samples", v.len()),
+            Err(_) => panic!("timed out after {} of {n} samples", v.len()),
+        }
+    }
+    v
+}
+
+fn filter(ns: &str) -> SubjectFilter {
+    SubjectFilter::parse(ns, "*", "*", ScopeFilter::Any).unwrap()
+}
+
+/// Two ranks through our relay: every iteration arrives, counters contiguous from 0 per
+/// stream, envelope sequence gap-free; a rank's restart is seen as a restart; garbage on the
+/// subject is counted by reason and the subscription carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_our_relay_with_restart_and_garbage() {
+    let nats = fpm_testkit::NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let base = fpm_testkit::ipc_base(dir.path(), "eng");
+    let client = timeout(T, async_nats::connect(nats.url()))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut sub = Subscriber::subscribe(&client, SubscriberConfig::new(filter("subtest")))
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+
+    let mut e0 = emitter(&base, "w", 0);
+    let mut e1 = emitter(&base, "w", 1);
+    let mut cfg = RelayConfig::new(fpm_relay::ipc_endpoints(&base, &[0, 1]));
+    cfg.namespace = "subtest".into();
+    cfg.nats.url = nats.url();
+    let stop = CancellationToken::new();
+    let relay = timeout(T, Relay::start(cfg, stop.clone()))
+        .await
+        .unwrap()
+        .unwrap();
+
+    iterate(&mut e0, 200);
+    iterate(&mut e1, 150);
+    let got = take(&mut sub, 350).await;
+    for rank in [0, 1] {
+        let counters: Vec<i64> = got
+            .iter()
+            .filter(|s| s.metrics.dp_rank == rank)
+            .map(|s| s.metrics.counter_id)
+            .collect();
+        let n = if rank == 0 { 200 } else { 150 };
+        assert_eq!(counters, (0..n).collect::<Vec<_>>(), "rank {rank}");
+    }
+    assert!(got.iter().all(|s| s.publisher_id == relay.publisher_id()));
+    assert_eq!(got[0].source.to_string(), "subtest/backend/generate");
+    let st = sub.tracker().get("w", 0).unwrap();
+    assert_eq!(st.latest.counter_id, 199);
+    assert_eq!(st.counts.gaps + st.counts.missed_before_start, 0);
+
+    // Garbage and a foreign topic on the same subject.
+    let subj = relay.subject().to_owned();
+    client
+        .publish(subj.clone(), b"\x00\x01garbage".to_vec().into())
+        .await
+        .unwrap();
+    let foreign = Envelope {
+        publisher_id: 1,
+        sequence: 0,
+        published_at: 0,
+        topic: "kv-events",
+        payload: b"x",
+    }
+    .encode();
+    client.publish(subj, foreign.into()).await.unwrap();
+    client.flush().await.unwrap();
+
+    // Rank 1 restarts (a new emitter on the same path: counters from 0 again).
+    e1.shutdown(Duration::from_secs(1));
+    let mut e1 = emitter(&base, "w", 1);
+    iterate(&mut e1, 20);
+    let more = take(&mut sub, 20).await;
+    assert!(more.iter().all(|s| s.metrics.dp_rank == 1));
+    let st = sub.tracker().get("w", 1).unwrap();
+    assert_eq!(st.counts.restarts, 1, "{:?}", st.counts);
+    assert_eq!(st.latest.counter_id, 19);
+
+    let stats = sub.stats();
+    assert_eq!(stats.rejected.total(), 2, "{stats:?}");
+    assert_eq!(stats.received, stats.samples + stats.rejected.total());
+    assert_eq!(stats.sequence.gap_messages, 0);
+    assert_eq!(stats.sequence.publishers, 1);
+    assert_eq!(stats.streams.received, 370);
+
+    stop.cancel();
+    timeout(T, relay.wait()).await.unwrap();
+    e0.shutdown(Duration::from_secs(1));
+    e1.shutdown(Duration::from_secs(1));
+}
+
+/// A stream that goes silent (no heartbeats: the engine is gone) is reported stale, then
+/// removed, with its counts kept in the totals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_streams_go_stale_then_away() {
+    let nats = fpm_testkit::NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let base = fpm_testkit::ipc_base(dir.path(), "eng");
+    let client = timeout(T, async_nats::connect(nats.url()))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut config = SubscriberConfig::new(filter("stale"));
+    config.tracker = TrackerConfig {
+        stale_after: Duration::from_millis(400),
+        remove_after: Duration::from_millis(1500),
+        ..TrackerConfig::default()
+    };
+    let mut sub = Subscriber::subscribe(&client, config).await.unwrap();
+    client.flush().await.unwrap();
+    let mut e = emitter(&base, "gone", 0);
+    let mut cfg = RelayConfig::new(fpm_relay::ipc_endpoints(&base, &[0]));
+    cfg.namespace = "stale".into();
+    cfg.nats.url = nats.url();
+    let stop = CancellationToken::new();
+    let relay = timeout(T, Relay::start(cfg, stop.clone()))
+        .await
+        .unwrap()
+        .unwrap();
+    iterate(&mut e, 10);
+    take(&mut sub, 10).await;
+    e.shutdown(Duration::from_secs(1));
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let sw = sub.sweep(fpm_subscriber::unix_now_ns());
+    assert_eq!(sw.stale.len(), 1, "{sw:?} after {:?}", t0.elapsed());
+    assert!(sub.tracker().get("gone", 0).unwrap().stale);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let sw = sub.sweep(fpm_subscriber::unix_now_ns());
+    assert_eq!(sw.removed.len(), 1);
+    assert!(sub.tracker().get("gone", 0).is_none());
+    assert_eq!(sub.stats().streams.received, 10);
+    stop.cancel();
+    timeout(T, relay.wait()).await.unwrap();
+}
+
+/// Dynamo 1.6.1's own relay (`FpmEventRelay`, ai-dynamo-runtime) publishing: our subscriber
+/// reads its envelopes and tracks the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_dynamos_relay() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let Some(py) = fpm_testkit::python() else {
+        return;
+    };
+    let nats = fpm_testkit::NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kv = tempfile::tempdir().unwrap();
+    let base = fpm_testkit::ipc_base(dir.path(), "eng");
+    let client = timeout(T, async_nats::connect(nats.url()))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut sub = Subscriber::subscribe(&client, SubscriberConfig::new(filter("fromdynamo")))
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    let mut e = emitter(&base, "dyn-worker", 0);
+    let mut child = Command::new(py)
+        .arg(fpm_testkit::repo_root().join("interop/dynamo_peer.py"))
+        .args([
+            "dynamo-relay",
+            "--namespace",
+            "fromdynamo",
+            "--zmq-endpoint",
+        ])
+        .arg(format!("{base}.0"))
+        .args(["--count", "100000", "--timeout", "60"])
+        .env("DYN_FILE_KV", kv.path())
+        .env("NATS_SERVER", nats.url())
+        .env("DYN_LOG", "error")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(45);
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("Dynamo's relay never became ready");
+        if line.contains("\"ready\"") {
+            break;
+        }
+    }
+    // Dynamo's relay subscribes to the engine a moment later; the emitter holds its first
+    // messages until a subscriber is there, so nothing is lost either way.
+    iterate(&mut e, 100);
+    let got = take(&mut sub, 100).await;
+    let counters: Vec<i64> = got.iter().map(|s| s.metrics.counter_id).collect();
+    assert_eq!(counters, (0..100).collect::<Vec<_>>());
+    assert!(got.iter().all(|s| s.metrics.worker_id == "dyn-worker"));
+    let stats = sub.stats();
+    // The helper's readiness probe (a NATS request with a non-envelope body on the subject)
+    // is the one rejected message, counted as such.
+    assert_eq!(
+        stats.rejected.get(fpm_subscriber::RejectReason::Envelope),
+        stats.rejected.total(),
+        "{stats:?}"
+    );
+    assert!(stats.rejected.total() <= 1, "{stats:?}");
+    assert_eq!(stats.received, stats.samples + stats.rejected.total());
+    assert_eq!(stats.sequence.gap_messages, 0);
+    let st = sub.tracker().get("dyn-worker", 0).unwrap();
+    assert_eq!(st.counts.gaps + st.counts.missed_before_start, 0);
+    assert_eq!(got[0].source.endpoint.as_deref(), Some("generate"));
+    let _ = child.kill();
+    let _ = child.wait();
+    e.shutdown(Duration::from_secs(1));
+}
