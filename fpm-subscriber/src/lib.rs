@@ -9,10 +9,12 @@
 //!   reordering, producer restarts, `missed_before_start`, envelope sequence gaps per relay,
 //!   staleness, and a cap on tracked streams.
 //! - [`Subscriber`]: the three over a live NATS subscription.
+//! - [`record`]: the JSON Lines recording format (`fpm record`, `fpm fit`, `fpm plot`).
 #![deny(missing_docs)]
 
 mod filter;
 mod ingest;
+pub mod record;
 mod subscriber;
 mod tracker;
 
