@@ -35,6 +35,8 @@ pub enum Command {
     Relay(Box<commands::relay::RelayArgs>),
     /// Run a synthetic LLM engine (per dp rank) that publishes real FPM over ZeroMQ.
     Sim(Box<commands::sim::SimArgs>),
+    /// Draw a recording's per-stream time series (wall_time, batch and queue) as a PNG.
+    Plot(commands::plot::PlotArgs),
 }
 
 /// Sets up logging to standard error: `info` by default, moved by `-v`/`-q`, overridden by
@@ -97,5 +99,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Encode(args) => commands::codec::encode(args),
         Command::Sim(args) => commands::sim::run(*args),
         Command::Relay(args) => commands::relay::relay(*args),
+        Command::Plot(args) => commands::plot::run(args),
     }
 }

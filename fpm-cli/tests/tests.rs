@@ -413,3 +413,91 @@ mod cli_rules {
         assert!(!fpm_cli::use_colour(false, None));
     }
 }
+
+mod plot {
+    use std::process::Command;
+
+    use fpm_schema::ForwardPassMetrics;
+    use fpm_subscriber::record::{Record, RecordWriter};
+
+    fn recording(path: &std::path::Path, n: i64) {
+        let mut w = RecordWriter::create(path).unwrap();
+        for i in 0..n {
+            for rank in 0..2 {
+                let mut m = ForwardPassMetrics::heartbeat("w", rank);
+                m.counter_id = i;
+                m.wall_time = if i % 10 == 9 {
+                    0.0
+                } else {
+                    0.004 + (i % 7) as f64 * 1e-3
+                };
+                m.scheduled_requests.num_decode_requests = i % 5 + 1;
+                m.scheduled_requests.sum_decode_kv_tokens = 1000 * (i % 5 + 1);
+                w.write(&Record {
+                    received_at_ns: 1_000_000_000 + i as u64 * 10_000_000,
+                    publisher_id: 1,
+                    sequence: (2 * i + rank) as u64,
+                    metrics: m,
+                })
+                .unwrap();
+            }
+        }
+        w.flush().unwrap();
+    }
+
+    #[test]
+    fn draws_a_png_of_the_requested_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = dir.path().join("r.jsonl");
+        recording(&rec, 300);
+        let png = dir.path().join("p.png");
+        let out = Command::new(env!("CARGO_BIN_EXE_fpm"))
+            .arg("plot")
+            .arg(&rec)
+            .arg("--output")
+            .arg(&png)
+            .args(["--width", "800", "--panel-height", "120"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains("600 records, 2 streams"), "{stdout}");
+        let bytes = std::fs::read(&png).unwrap();
+        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+        let w = u32::from_be_bytes(bytes[16..20].try_into().unwrap());
+        let h = u32::from_be_bytes(bytes[20..24].try_into().unwrap());
+        assert_eq!((w, h), (800, 5 * 120));
+        // Not a blank image: many distinct bytes in the compressed pixel data.
+        let distinct = bytes.iter().collect::<std::collections::HashSet<_>>().len();
+        assert!(distinct > 200, "{distinct}");
+    }
+
+    #[test]
+    fn bad_recordings_are_one_line_exit_1() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.jsonl");
+        std::fs::write(&empty, "").unwrap();
+        let bad = dir.path().join("bad.jsonl");
+        std::fs::write(&bad, "{\"received_at_ns\":1}\n").unwrap();
+        for (file, needle) in [
+            (empty, "has no records"),
+            (bad, "line 1"),
+            (dir.path().join("missing.jsonl"), "cannot open"),
+        ] {
+            let out = Command::new(env!("CARGO_BIN_EXE_fpm"))
+                .arg("plot")
+                .arg(&file)
+                .args(["-o", "/dev/null"])
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{err}");
+            assert_eq!(err.lines().count(), 1, "{err}");
+            assert!(err.contains(needle), "{err}");
+        }
+    }
+}
