@@ -9,9 +9,11 @@
 //!   reordering, producer restarts, `missed_before_start`, envelope sequence gaps per relay,
 //!   staleness, and a cap on tracked streams.
 //! - [`Subscriber`]: the three over a live NATS subscription.
+//! - [`exporter`]: Prometheus exposition with Dynamo's label names.
 //! - [`record`]: the JSON Lines recording format (`fpm record`, `fpm fit`, `fpm plot`).
 #![deny(missing_docs)]
 
+pub mod exporter;
 mod filter;
 mod ingest;
 pub mod record;
