@@ -19,6 +19,12 @@ use crate::subscriber::SubscriberStats;
 use crate::tracker::{StreamKey, StreamState, Tracker};
 
 type Labels = Vec<(&'static str, String)>;
+/// (name, help, value of a stream at a time).
+type GaugeDef = (&'static str, &'static str, fn(&StreamState, u64) -> f64);
+/// (name, help, value of a stream).
+type StreamCounterDef = (&'static str, &'static str, fn(&StreamState) -> u64);
+/// (name, help, value of the subscriber's stats).
+type TotalDef = (&'static str, &'static str, fn(&SubscriberStats) -> u64);
 type FGauge = Gauge<f64, AtomicU64>;
 
 fn labels(st_source: &crate::filter::Source, key: &StreamKey) -> Labels {
@@ -35,7 +41,7 @@ fn labels(st_source: &crate::filter::Source, key: &StreamKey) -> Labels {
 }
 
 /// Per-stream gauge definitions: name, help, value.
-const GAUGES: [(&str, &str, fn(&StreamState, u64) -> f64); 12] = [
+const GAUGES: [GaugeDef; 12] = [
     (
         "fpm_wall_time_seconds",
         "wall_time of the latest iteration",
@@ -99,7 +105,7 @@ const GAUGES: [(&str, &str, fn(&StreamState, u64) -> f64); 12] = [
 ];
 
 /// Per-stream loss counters: name, help, value.
-const STREAM_COUNTERS: [(&str, &str, fn(&StreamState) -> u64); 4] = [
+const STREAM_COUNTERS: [StreamCounterDef; 4] = [
     (
         "fpm_stream_gap_messages",
         "messages missing in counter gaps",
@@ -119,7 +125,7 @@ const STREAM_COUNTERS: [(&str, &str, fn(&StreamState) -> u64); 4] = [
 ];
 
 /// The subscriber's own counters: name, help, value.
-const TOTALS: [(&str, &str, fn(&SubscriberStats) -> u64); 9] = [
+const TOTALS: [TotalDef; 9] = [
     (
         "fpm_subscriber_received_messages",
         "NATS messages received",
