@@ -2,7 +2,7 @@
 //!
 //! `main.rs` only parses [`Cli`] and calls [`run`].
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 pub mod commands;
 
@@ -34,8 +34,22 @@ pub enum Command {
     Sim(Box<commands::sim::SimArgs>),
 }
 
+/// Parses the command line (exits with clap's message on a bad one), noting for `relay`
+/// which inputs came from the environment.
+pub fn parse() -> Cli {
+    let matches = Cli::command().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let (Command::Relay(args), Some(m)) = (&mut cli.command, matches.subcommand_matches("relay"))
+    {
+        args.note_sources(m);
+    }
+    cli
+}
+
 /// Sets up logging to standard error: `info` by default, moved by `-v`/`-q`, overridden by
-/// `RUST_LOG` when set. Called once, by `main`.
+/// `RUST_LOG` when set. The NATS client's own logs (one line per retry, without the server)
+/// show only with `-v`; the relay logs failed connection attempts itself, with server and
+/// cause, rate-limited. Called once, by `main`.
 pub fn init_logging(verbose: u8, quiet: u8) {
     use tracing_subscriber::EnvFilter;
     let level = match (verbose, quiet) {
@@ -45,7 +59,12 @@ pub fn init_logging(verbose: u8, quiet: u8) {
         (_, 1) => "warn",
         _ => "error",
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let directives = if verbose > 0 {
+        level.to_owned()
+    } else {
+        format!("{level},async_nats=off")
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(directives));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

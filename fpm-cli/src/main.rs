@@ -2,11 +2,8 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-use fpm_cli::Cli;
-
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = fpm_cli::parse();
     fpm_cli::init_logging(cli.verbose, cli.quiet);
     match fpm_cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
