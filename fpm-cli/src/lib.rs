@@ -2,7 +2,7 @@
 //!
 //! `main.rs` only parses [`Cli`] and calls [`run`].
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 pub mod commands;
 
@@ -39,8 +39,24 @@ pub enum Command {
     Plot(commands::plot::PlotArgs),
 }
 
+/// Parses the command line, noting for `relay` which inputs came from the environment.
+///
+/// # Errors
+/// clap's error (help and version requests included); see [`argument_error`].
+pub fn parse() -> Result<Cli, clap::Error> {
+    let matches = Cli::command().try_get_matches()?;
+    let mut cli = Cli::from_arg_matches(&matches)?;
+    if let (Command::Relay(args), Some(m)) = (&mut cli.command, matches.subcommand_matches("relay"))
+    {
+        args.note_sources(m);
+    }
+    Ok(cli)
+}
+
 /// Sets up logging to standard error: `info` by default, moved by `-v`/`-q`, overridden by
-/// `RUST_LOG` when set. Called once, by `main`.
+/// `RUST_LOG` when set. The NATS client's own logs (one line per retry, without the server)
+/// show only with `-v`; the relay logs failed connection attempts itself, with server and
+/// cause, rate-limited. Called once, by `main`.
 pub fn init_logging(verbose: u8, quiet: u8) {
     use tracing_subscriber::EnvFilter;
     let level = match (verbose, quiet) {
@@ -50,7 +66,12 @@ pub fn init_logging(verbose: u8, quiet: u8) {
         (_, 1) => "warn",
         _ => "error",
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let directives = if verbose > 0 {
+        level.to_owned()
+    } else {
+        format!("{level},async_nats=off")
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(directives));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -2,11 +2,8 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-use fpm_cli::Cli;
-
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match fpm_cli::parse() {
         Ok(cli) => cli,
         Err(e) => {
             let (text, code) = fpm_cli::argument_error(&e);

@@ -321,13 +321,26 @@ mod cli_rules {
         let out = fpm(&["--help"]);
         assert_eq!(out.status.code(), Some(0));
         let text = String::from_utf8_lossy(&out.stdout);
-        for cmd in ["decode", "encode", "relay", "sim"] {
-            assert!(text.contains(cmd), "{cmd} missing from: {text}");
+        // The command list: the first word of each line under "Commands:".
+        let listed: Vec<&str> = text
+            .lines()
+            .skip_while(|l| !l.starts_with("Commands:"))
+            .skip(1)
+            .take_while(|l| l.starts_with("  "))
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|c| *c != "help")
+            .collect();
+        let mut expected = vec!["decode", "encode", "relay", "sim", "plot"];
+        let mut got = listed.clone();
+        expected.sort_unstable();
+        got.sort_unstable();
+        assert_eq!(got, expected, "{text}");
+        // The summary line and the package description name only those.
+        let summary = text.lines().next().unwrap();
+        for missing in ["watch", "demo", "bench", "inspect", "fit"] {
+            assert!(!summary.contains(missing), "{missing} named in: {summary}");
+            assert!(!env!("CARGO_PKG_DESCRIPTION").contains(missing));
         }
-        for missing in ["record", "watch", "demo", "bench", "inspect"] {
-            assert!(!text.contains(missing), "{missing} named in: {text}");
-        }
-        assert!(!env!("CARGO_PKG_DESCRIPTION").contains("watch"));
     }
 
     #[test]
@@ -499,5 +512,391 @@ mod plot {
             assert_eq!(err.lines().count(), 1, "{err}");
             assert!(err.contains(needle), "{err}");
         }
+    }
+}
+
+mod relay_trust {
+    //! Issue 7, `fpm relay` as a process: start-up errors, logs, a dead reader, big frames.
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::process::{Child, Command, Stdio};
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    /// `fpm relay` with a clean environment (no inputs or NATS settings inherited).
+    fn relay_cmd() -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_fpm"));
+        for v in [
+            "DYN_FORWARDPASS_METRIC_PORT",
+            "FPM_ZMQ_ENDPOINTS",
+            "FPM_IPC_BASE",
+            "NATS_URL",
+            "NATS_SERVER",
+            "NATS_NKEY",
+            "DYN_FILE_KV",
+            "FPM_METRICS_ADDR",
+            "RUST_LOG",
+        ] {
+            c.env_remove(v);
+        }
+        c.arg("relay");
+        c
+    }
+
+    /// Kills the child when dropped (a failed assertion never leaves a relay running).
+    struct Running {
+        child: Child,
+        lines: mpsc::Receiver<String>,
+    }
+
+    impl Running {
+        fn spawn(cmd: &mut Command) -> Self {
+            let mut child = cmd
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn fpm");
+            let stderr = child.stderr.take().unwrap();
+            let (tx, lines) = mpsc::channel();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+            Running { child, lines }
+        }
+
+        /// Lines read until one matches `pred` (returned last), or panics after `timeout`.
+        fn wait_line(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Vec<String> {
+            let deadline = Instant::now() + timeout;
+            let mut seen = Vec::new();
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match self.lines.recv_timeout(left) {
+                    Ok(l) => {
+                        let hit = pred(&l);
+                        seen.push(l);
+                        if hit {
+                            return seen;
+                        }
+                    }
+                    Err(_) => panic!("no matching line within {timeout:?}; saw {seen:#?}"),
+                }
+            }
+        }
+
+        /// Lines read within `d`.
+        fn lines_for(&self, d: Duration) -> Vec<String> {
+            let deadline = Instant::now() + d;
+            let mut seen = Vec::new();
+            while let Ok(l) = self
+                .lines
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                seen.push(l);
+            }
+            seen
+        }
+
+        /// The exit code, waiting at most `timeout`.
+        fn exit_code(&mut self, timeout: Duration) -> Option<i32> {
+            let deadline = Instant::now() + timeout;
+            loop {
+                if let Some(s) = self.child.try_wait().unwrap() {
+                    return s.code();
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "fpm relay still running after {timeout:?}"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+
+        fn terminate(&mut self) -> Option<i32> {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status();
+            self.exit_code(Duration::from_secs(10))
+        }
+    }
+
+    impl Drop for Running {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// A bounded HTTP GET: the body.
+    fn http_get(addr: &str, path: &str) -> String {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        text.split_once("\r\n\r\n")
+            .map(|x| x.1.to_owned())
+            .unwrap_or_default()
+    }
+
+    fn sample(text: &str, name: &str) -> Option<f64> {
+        text.lines().find_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            (k == name).then(|| v.parse().ok())?
+        })
+    }
+
+    /// Peak resident memory (VmHWM) of a process, in bytes.
+    fn peak_rss(pid: u32) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM");
+        kb * 1024
+    }
+
+    fn good(counter: u64) -> [Vec<u8>; 3] {
+        let m = fpm_schema::ForwardPassMetrics {
+            worker_id: "w".into(),
+            counter_id: counter as i64,
+            ..Default::default()
+        };
+        [
+            vec![],
+            counter.to_be_bytes().to_vec(),
+            fpm_schema::encode(&m),
+        ]
+    }
+
+    #[test]
+    fn unusable_settings_fail_at_startup_in_one_line() {
+        let nats = fpm_testkit::NatsServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let ipc = format!("ipc://{}", dir.path().join("e.0").display());
+        let cases: [(&[&str], &str); 4] = [
+            (&["--zmq-endpoint", "tcp://127.0.0.1:99999"], "99999"),
+            (
+                &["--ipc-base", "ipc:///nonexistent/dir/fpm"],
+                "/nonexistent/dir",
+            ),
+            (
+                &["--zmq-endpoint", &ipc, "--nats-nkey", "SUgarbage"],
+                "nkey",
+            ),
+            (
+                &["--zmq-endpoint", &ipc, "--nats-url", "notaurl"],
+                "notaurl",
+            ),
+        ];
+        for (args, needle) in cases {
+            let mut cmd = relay_cmd();
+            cmd.env("NATS_URL", nats.url())
+                .args(["--metrics-addr", "off"])
+                .args(args);
+            let t = Instant::now();
+            let mut r = Running::spawn(&mut cmd);
+            let code = r.exit_code(Duration::from_secs(5));
+            let lines = r.lines_for(Duration::from_millis(200));
+            assert_eq!(code, Some(1), "{args:?}: {lines:?}");
+            assert!(t.elapsed() < Duration::from_secs(5), "{args:?}");
+            assert_eq!(lines.len(), 1, "{args:?}: {lines:#?}");
+            assert!(lines[0].contains(needle), "{args:?}: {lines:?}");
+            assert!(lines[0].starts_with("fpm: error: "), "{lines:?}");
+        }
+    }
+
+    #[test]
+    fn nats_down_is_waited_for_and_retries_warn_with_server_and_cause() {
+        let port = free_port(); // nothing listens there
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = relay_cmd();
+        cmd.args(["--metrics-addr", "127.0.0.1:0"])
+            .args(["--nats-url", &format!("nats://127.0.0.1:{port}")])
+            .arg("--zmq-endpoint")
+            .arg(format!("ipc://{}", dir.path().join("e.0").display()));
+        let mut r = Running::spawn(&mut cmd);
+        let mut lines = r.wait_line(Duration::from_secs(5), |l| {
+            l.contains("WARN") && l.contains("cannot connect to NATS")
+        });
+        lines.extend(r.lines_for(Duration::from_millis(1500)));
+        let warn = lines
+            .iter()
+            .find(|l| l.contains("cannot connect to NATS"))
+            .unwrap();
+        assert!(
+            warn.contains(&format!("server=nats://127.0.0.1:{port}")),
+            "{warn}"
+        );
+        assert!(warn.to_lowercase().contains("refused"), "the cause: {warn}");
+        let retries = lines.iter().filter(|l| l.contains("NATS")).count();
+        assert!(retries <= 2, "rate-limited: {lines:#?}");
+        assert!(
+            lines.iter().all(|l| !l.contains(" INFO async_nats")),
+            "{lines:#?}"
+        );
+        let started = lines.iter().find(|l| l.contains("relay started")).unwrap();
+        assert!(started.contains("metrics=127.0.0.1:"), "{started}");
+        assert!(
+            lines.iter().all(|l| !l.contains("Some(")),
+            "no Debug formatting: {lines:#?}"
+        );
+        // Still running: a server that is down is waited for.
+        assert!(r.child.try_wait().unwrap().is_none());
+        assert_eq!(r.terminate(), Some(0));
+    }
+
+    #[test]
+    fn inputs_are_logged_with_where_they_came_from() {
+        let nats = fpm_testkit::NatsServer::start();
+        let port = free_port();
+        let mut cmd = relay_cmd();
+        cmd.env("DYN_FORWARDPASS_METRIC_PORT", port.to_string())
+            .args(["--metrics-addr", "off", "--nats-url", &nats.url()]);
+        let mut r = Running::spawn(&mut cmd);
+        let lines = r.wait_line(Duration::from_secs(5), |l| {
+            l.contains("reading engine inputs")
+        });
+        let line = lines.last().unwrap();
+        assert!(line.contains(" INFO "), "{line}");
+        assert!(
+            line.contains(&format!(
+                "source=environment DYN_FORWARDPASS_METRIC_PORT={port}"
+            )),
+            "{line}"
+        );
+        assert!(
+            line.contains(&format!("endpoints=tcp://127.0.0.1:{port}")),
+            "{line}"
+        );
+        assert_eq!(r.terminate(), Some(0));
+
+        let dir = tempfile::tempdir().unwrap();
+        let ep = format!("ipc://{}", dir.path().join("e.0").display());
+        let mut cmd = relay_cmd();
+        cmd.args(["--metrics-addr", "off", "--nats-url", &nats.url()])
+            .args(["--zmq-endpoint", &ep]);
+        let mut r = Running::spawn(&mut cmd);
+        let lines = r.wait_line(Duration::from_secs(5), |l| {
+            l.contains("reading engine inputs")
+        });
+        assert!(
+            lines
+                .last()
+                .unwrap()
+                .contains(&format!("source=flag --zmq-endpoint {ep}")),
+            "{lines:?}"
+        );
+        assert_eq!(r.terminate(), Some(0));
+    }
+
+    #[test]
+    fn a_dead_reader_makes_the_relay_exit_1() {
+        let nats = fpm_testkit::NatsServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let ep = format!("ipc://{}", dir.path().join("e.0").display());
+        let ctx = zmq::Context::new();
+        let engine = ctx.socket(zmq::PUB).unwrap();
+        engine.bind(&ep).unwrap();
+        let mut cmd = relay_cmd();
+        cmd.args(["--metrics-addr", "off", "--nats-url", &nats.url()])
+            .args(["--zmq-endpoint", &ep, "--fault-panic-reader-after", "3"]);
+        let mut r = Running::spawn(&mut cmd);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut n = 0;
+        let code = loop {
+            if let Some(s) = r.child.try_wait().unwrap() {
+                break s.code();
+            }
+            assert!(Instant::now() < deadline, "the relay kept running");
+            engine.send_multipart(good(n), 0).unwrap();
+            n += 1;
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(code, Some(1));
+        let lines = r.lines_for(Duration::from_millis(300));
+        let last = lines.last().unwrap();
+        assert!(
+            last.starts_with("fpm: error:") && last.contains("ZeroMQ reader died"),
+            "{lines:#?}"
+        );
+    }
+
+    #[test]
+    fn a_16_mib_frame_is_refused_counted_and_traffic_goes_on() {
+        let nats = fpm_testkit::NatsServer::start();
+        let port = free_port();
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let ctx = zmq::Context::new();
+        let engine = ctx.socket(zmq::PUB).unwrap();
+        engine.set_sndhwm(100_000).unwrap();
+        engine.bind(&format!("tcp://127.0.0.1:{port}")).unwrap();
+        let mut cmd = relay_cmd();
+        cmd.args(["-q", "--metrics-addr", &metrics, "--nats-url", &nats.url()])
+            .args(["--zmq-endpoint", &format!("tcp://127.0.0.1:{port}")]);
+        let r = Running::spawn(&mut cmd);
+        let pid = r.child.id();
+        let counter = std::cell::Cell::new(0u64);
+        let next = || {
+            let c = counter.get();
+            counter.set(c + 1);
+            c
+        };
+        // Sends good messages until `cond` holds for the relay's /metrics.
+        let send_until = |cond: &dyn Fn(&str) -> bool| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                engine.send_multipart(good(next()), 0).unwrap();
+                std::thread::sleep(Duration::from_millis(20));
+                if let Ok(_s) = std::net::TcpStream::connect(&metrics) {
+                    let text = http_get(&metrics, "/metrics");
+                    if cond(&text) {
+                        return text;
+                    }
+                }
+                assert!(Instant::now() < deadline, "condition not met");
+            }
+        };
+        let published = |t: &str| sample(t, "fpm_relay_published_messages_total").unwrap_or(0.0);
+        send_until(&|t| published(t) >= 1.0);
+        let before = peak_rss(pid);
+
+        let big = vec![0u8; 16 << 20];
+        engine
+            .send_multipart([&[][..], &next().to_be_bytes()[..], &big[..]], 0)
+            .unwrap();
+        drop(big);
+        let oversized = "fpm_relay_invalid_messages_total{reason=\"oversized_frame\"}";
+        let text = send_until(&|t| sample(t, oversized) == Some(1.0));
+        // Good traffic on the same endpoint goes on after the relay reconnected.
+        let after_drop = published(&text);
+        let text = send_until(&|t| published(t) >= after_drop + 5.0);
+        let grew = peak_rss(pid).saturating_sub(before);
+        assert!(
+            grew < 4 << 20,
+            "peak RSS grew by {grew} bytes for a 16 MiB frame"
+        );
+        assert_eq!(sample(&text, oversized), Some(1.0), "{text}");
+        let received = sample(&text, "fpm_relay_received_messages_total").unwrap();
+        let invalid: f64 = text
+            .lines()
+            .filter(|l| l.starts_with("fpm_relay_invalid_messages_total{"))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum();
+        let buffered = sample(&text, "fpm_relay_buffered_messages").unwrap();
+        assert_eq!(received, invalid + published(&text) + buffered, "{text}");
     }
 }

@@ -27,7 +27,10 @@ pub struct RelayConfig {
     pub nats: NatsConfig,
     /// Bounds of the buffer that holds messages while NATS is away.
     pub buffer: BufferLimits,
-    /// Largest FPM payload accepted, in bytes; larger ones are counted as `too_large`.
+    /// Largest FPM payload accepted, in bytes; larger ones are counted as `too_large`. Frames
+    /// over this plus 1 KiB are refused by libzmq itself (`ZMQ_MAXMSGSIZE`) before they are
+    /// allocated: it drops the connection, counted as `oversized_frame`, and the relay
+    /// reconnects.
     pub max_payload: usize,
     /// How long one NATS publish may wait before the message counts as dropped.
     pub publish_timeout: Duration,
@@ -45,6 +48,18 @@ pub struct RelayConfig {
     pub zmq_rcvhwm: i32,
     /// Fixed publisher id for the envelope (tests); `None` draws a random one below 2^53.
     pub publisher_id: Option<u64>,
+    /// Most per-input label sets (`endpoint`, `worker_id`, `dp_rank`) on `/metrics`; further
+    /// ones are counted under `worker_id="other"`, `dp_rank="other"`.
+    pub max_label_sets: usize,
+    /// Most HTTP connections served at once; more are answered 503 and closed (counted).
+    pub http_max_connections: usize,
+    /// How long an HTTP client may take to send its request before the connection is closed
+    /// (so idle connections cannot hold the slots).
+    pub http_read_timeout: Duration,
+    /// Fault injection for tests: the ZeroMQ reader thread panics after reading this many
+    /// messages. Never set in production.
+    #[doc(hidden)]
+    pub fault_panic_reader_after: Option<u64>,
 }
 
 impl RelayConfig {
@@ -67,6 +82,10 @@ impl RelayConfig {
             discovery_refresh: Duration::from_secs(3),
             zmq_rcvhwm: 100_000,
             publisher_id: None,
+            max_label_sets: crate::metrics::DEFAULT_MAX_LABEL_SETS,
+            http_max_connections: 64,
+            http_read_timeout: Duration::from_secs(5),
+            fault_panic_reader_after: None,
         }
     }
 }

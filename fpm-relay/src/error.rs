@@ -22,6 +22,14 @@ pub enum Error {
         /// What libzmq said.
         error: zmq::Error,
     },
+    /// A ZeroMQ endpoint can never work (bad port, missing ipc directory, ...).
+    #[error("ZeroMQ endpoint {endpoint:?} is not usable: {reason}")]
+    BadEndpoint {
+        /// The endpoint as given.
+        endpoint: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The same ZeroMQ endpoint was given twice.
     #[error("ZeroMQ endpoint {0:?} is given more than once")]
     DuplicateEndpoint(String),
@@ -61,6 +69,9 @@ pub enum Error {
         /// The OS error.
         error: std::io::Error,
     },
+    /// A stage of the running relay died (the ZeroMQ reader thread); the relay stopped itself.
+    #[error("the relay stopped because its ZeroMQ reader died ({0}): restart it")]
+    ReaderDied(String),
     /// The configuration is inconsistent.
     #[error("invalid configuration: {0}")]
     Config(String),

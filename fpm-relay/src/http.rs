@@ -1,19 +1,71 @@
 //! A minimal HTTP/1.1 responder for `/metrics`, `/health` and `/live` (GET only, one request
 //! per connection). Small on purpose: three fixed routes do not need a web framework.
+//!
+//! At most [`Limits::max_connections`] connections are served at once; more are answered
+//! `503` at once and closed, and counted (`fpm_relay_http_rejected_connections_total`). A
+//! client must send its request within [`Limits::read_timeout`], so idle connections cannot
+//! hold the slots.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use crate::ingest::ReaderState;
 use crate::metrics::Metrics;
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 5\r\nConnection: close\r\n\r\nbusy\n";
+/// How long writing a response may take.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub(crate) async fn serve(listener: TcpListener, metrics: Arc<Metrics>, cancel: CancellationToken) {
+/// What `/health` looks at.
+#[derive(Debug, Clone)]
+pub(crate) struct Health {
+    pub metrics: Arc<Metrics>,
+    pub reader: Arc<ReaderState>,
+}
+
+impl Health {
+    /// (healthy, one line per stage).
+    fn report(&self) -> (bool, String) {
+        let reader = if self.reader.alive() {
+            "ok".to_owned()
+        } else {
+            match self.reader.failure() {
+                Some(f) => format!("dead ({f})"),
+                None => "stopped".to_owned(),
+            }
+        };
+        let nats = self.metrics.connected.get() == 1;
+        let ok = self.reader.alive() && nats;
+        let text = format!(
+            "{}\nzmq_reader: {reader}\nnats: {}\n",
+            if ok { "ok" } else { "unhealthy" },
+            if nats { "connected" } else { "disconnected" }
+        );
+        (ok, text)
+    }
+}
+
+/// Connection limits.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    pub max_connections: usize,
+    pub read_timeout: Duration,
+}
+
+pub(crate) async fn serve(
+    listener: TcpListener,
+    health: Health,
+    limits: Limits,
+    cancel: CancellationToken,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     loop {
         let (stream, _) = tokio::select! {
             biased;
@@ -27,14 +79,22 @@ pub(crate) async fn serve(listener: TcpListener, metrics: Arc<Metrics>, cancel: 
                 }
             },
         };
-        let metrics = metrics.clone();
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            health.metrics.http_rejected.inc();
+            // A fresh socket's send buffer takes this at once; never wait on it.
+            let _ = stream.try_write(BUSY);
+            drop(stream);
+            continue;
+        };
+        let health = health.clone();
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(5), respond(stream, &metrics)).await;
+            let _ = respond(stream, &health, limits.read_timeout).await;
+            drop(permit);
         });
     }
 }
 
-async fn respond(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
+async fn read_head(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") && !buf.windows(2).any(|w| w == b"\n\n") {
@@ -44,24 +104,30 @@ async fn respond(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()
         }
         buf.extend_from_slice(&chunk[..n]);
     }
+    Ok(buf)
+}
+
+async fn respond(
+    mut stream: TcpStream,
+    health: &Health,
+    read_timeout: Duration,
+) -> std::io::Result<()> {
+    let Ok(buf) = tokio::time::timeout(read_timeout, read_head(&mut stream)).await else {
+        debug!("HTTP client sent no request in time; closed");
+        return Ok(());
+    };
+    let buf = buf?;
     let head = String::from_utf8_lossy(&buf);
     let mut parts = head.split_whitespace();
     let method = parts.next().unwrap_or("");
     let path = parts.next().unwrap_or("").split('?').next().unwrap_or("");
     let (status, ctype, body) = match (method, path) {
-        ("GET" | "HEAD", "/metrics") => ("200 OK", OPENMETRICS, metrics.encode()),
+        ("GET" | "HEAD", "/metrics") => ("200 OK", OPENMETRICS, health.metrics.encode()),
         ("GET" | "HEAD", "/live") => ("200 OK", "text/plain", "live\n".to_owned()),
-        ("GET" | "HEAD", "/health") => {
-            if metrics.connected.get() == 1 {
-                ("200 OK", "text/plain", "ok\n".to_owned())
-            } else {
-                (
-                    "503 Service Unavailable",
-                    "text/plain",
-                    "unhealthy: NATS disconnected\n".to_owned(),
-                )
-            }
-        }
+        ("GET" | "HEAD", "/health") => match health.report() {
+            (true, text) => ("200 OK", "text/plain", text),
+            (false, text) => ("503 Service Unavailable", "text/plain", text),
+        },
         ("GET" | "HEAD", _) => (
             "404 Not Found",
             "text/plain",
@@ -80,6 +146,11 @@ async fn respond(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()
     if method != "HEAD" {
         resp.push_str(&body);
     }
-    stream.write_all(resp.as_bytes()).await?;
-    stream.shutdown().await
+    let write = async {
+        stream.write_all(resp.as_bytes()).await?;
+        stream.shutdown().await
+    };
+    tokio::time::timeout(WRITE_TIMEOUT, write)
+        .await
+        .unwrap_or(Ok(()))
 }

@@ -41,7 +41,10 @@ impl Conn {
                 metrics.connected.set(0);
                 warn!("NATS connection lost; buffering until it is back");
             }
-            async_nats::Event::ServerError(_) | async_nats::Event::ClientError(_) => {
+            // Failed connection attempts are logged with server and cause by the relay's
+            // reconnect callback; this event only repeats their kind.
+            async_nats::Event::ClientError(_) => debug!(error = %event, "NATS client error"),
+            async_nats::Event::ServerError(_) => {
                 // Auth or TLS failures repeat on every reconnect attempt: warn every 10 s.
                 let now = unix_ms();
                 let last = self.last_error_log.load(Ordering::Relaxed);
@@ -108,7 +111,10 @@ impl Publisher {
             }
             Err(_) => {
                 self.metrics.drop_msgs(DropReason::PublishTimeout, 1);
-                warn!(?timeout, "NATS publish timed out; message dropped");
+                warn!(
+                    timeout_ms = timeout.as_millis() as u64,
+                    "NATS publish timed out; message dropped"
+                );
             }
         }
     }

@@ -2,20 +2,22 @@
 
 use std::hash::{BuildHasher, Hasher};
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_nats::ServerAddr;
 use fpm_schema::{Decoder, FpmSubject};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::buffer::Buffer;
 use crate::config::{NatsAuth, NatsConfig, RelayConfig};
+use crate::ingest::ReaderState;
 use crate::metrics::{Metrics, Stats};
 use crate::publish::{Conn, Publisher};
 use crate::{discovery, http, ingest, Error};
@@ -46,10 +48,13 @@ fn random_publisher_id() -> u64 {
 }
 
 /// A running relay. Dropping it does not stop it: cancel the token given to
-/// [`Relay::start`], then await [`Relay::wait`].
+/// [`Relay::start`], then await [`Relay::wait`] (or [`Relay::finish`]).
 #[derive(Debug)]
 pub struct Relay {
     metrics: Arc<Metrics>,
+    reader: Arc<ReaderState>,
+    /// Cancelled when a stage dies (the ZeroMQ reader thread).
+    failed: CancellationToken,
     task: JoinHandle<()>,
     publisher_id: u64,
     subject: String,
@@ -78,6 +83,79 @@ fn parse_urls(url: &str) -> Result<Vec<ServerAddr>, Error> {
     Ok(addrs)
 }
 
+/// Fails when no server's host name resolves: the client would retry a name that does not
+/// exist forever. A server that resolves but is down is waited for.
+async fn check_resolvable(url: &str, servers: &[ServerAddr]) -> Result<(), Error> {
+    let mut why = Vec::new();
+    for s in servers {
+        let (host, port) = (s.host().to_owned(), s.port());
+        let lookup = tokio::net::lookup_host((host.clone(), port));
+        match tokio::time::timeout(Duration::from_secs(5), lookup).await {
+            Ok(Ok(addrs)) => {
+                if addrs.count() > 0 {
+                    return Ok(());
+                }
+                why.push(format!("host {host:?} has no address"));
+            }
+            Ok(Err(e)) => why.push(format!("host {host:?} cannot be resolved: {e}")),
+            Err(_) => why.push(format!("resolving host {host:?} timed out")),
+        }
+    }
+    Err(Error::NatsUrl {
+        url: url.to_owned(),
+        reason: why.join("; "),
+    })
+}
+
+/// At most one warning about failed NATS connection attempts per this long.
+const NATS_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Logs failed connection attempts (server and cause) at WARN, at most every
+/// [`NATS_LOG_EVERY`]. Called by the client before each attempt, with each server's last error.
+fn log_failed_attempts(servers: &[async_nats::Server], last: &Mutex<Option<Instant>>) {
+    let failing: Vec<&async_nats::Server> = servers
+        .iter()
+        .filter(|s| s.failed_attempts > 0 && s.last_error.is_some())
+        .collect();
+    if failing.is_empty() {
+        return;
+    }
+    let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+    let now = Instant::now();
+    if last.is_some_and(|t| now.duration_since(t) < NATS_LOG_EVERY) {
+        for s in failing {
+            debug!(server = %s.addr.as_url_str(), error = s.last_error.as_deref().unwrap_or(""), "NATS connection attempt failed");
+        }
+        return;
+    }
+    *last = Some(now);
+    for s in failing {
+        warn!(
+            server = %s.addr.as_url_str(),
+            error = s.last_error.as_deref().unwrap_or(""),
+            failed_attempts = s.failed_attempts,
+            "cannot connect to NATS; retrying (logged at most every 10 s)"
+        );
+    }
+}
+
+/// Checks that files exist, off the async runtime.
+async fn check_files(paths: Vec<PathBuf>) -> Result<(), Error> {
+    tokio::task::spawn_blocking(move || {
+        for p in paths {
+            if !p.is_file() {
+                return Err(Error::Credentials(format!(
+                    "TLS file {} does not exist: check --nats-tls-ca / --nats-tls-cert / --nats-tls-key",
+                    p.display()
+                )));
+            }
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| Error::Config(format!("file check task failed: {e}")))?
+}
+
 async fn connect_options(
     cfg: &NatsConfig,
     metrics: &Arc<Metrics>,
@@ -97,27 +175,22 @@ async fn connect_options(
             ))
         })?,
         NatsAuth::NkeySeed(seed) => {
-            if !seed.starts_with('S') {
-                return Err(Error::Credentials(
-                    "the nkey seed must start with 'S' (a user seed is 'SU...'): check --nats-nkey"
-                        .into(),
-                ));
+            if let Err(e) = nkeys::KeyPair::from_seed(seed) {
+                return Err(Error::Credentials(format!(
+                    "the nkey seed is not valid ({e}): check --nats-nkey (a user seed is 'SU...', 58 characters)"
+                )));
             }
             o.nkey(seed.clone())
         }
     };
-    for p in cfg
-        .tls_ca
-        .iter()
-        .chain(cfg.tls_client.iter().flat_map(|(c, k)| [c, k]))
-    {
-        if !p.is_file() {
-            return Err(Error::Credentials(format!(
-                "TLS file {} does not exist: check --nats-tls-ca / --nats-tls-cert / --nats-tls-key",
-                p.display()
-            )));
-        }
-    }
+    check_files(
+        cfg.tls_ca
+            .iter()
+            .chain(cfg.tls_client.iter().flat_map(|(c, k)| [c, k]))
+            .cloned()
+            .collect(),
+    )
+    .await?;
     if let Some(ca) = &cfg.tls_ca {
         o = o.add_root_certificates(ca.clone()).require_tls(true);
     }
@@ -131,6 +204,7 @@ async fn connect_options(
     }
     let max = cfg.reconnect_delay_max;
     let (m, c) = (metrics.clone(), conn.clone());
+    let last_log = Arc::new(Mutex::new(None));
     Ok(o.name(&cfg.name)
         .retry_on_initial_connect()
         .max_reconnects(None)
@@ -143,29 +217,57 @@ async fn connect_options(
                 (Duration::from_millis(50) * 2u32.pow(exp)).min(max)
             }
         })
+        .reconnect_to_server_callback(move |servers, _info| {
+            log_failed_attempts(&servers, &last_log);
+            std::future::ready(None)
+        })
         .event_callback(move |event| {
             c.on_event(&m, &event);
             async {}
         }))
 }
 
+/// The text of a panic payload.
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".to_owned())
+}
+
+/// Runs a blocking filesystem call off the async runtime.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+}
+
 impl Relay {
-    /// Connects to the engines and to NATS and starts relaying, until `shutdown` is cancelled.
+    /// Connects to the engines and to NATS and starts relaying, until `shutdown` is cancelled
+    /// or a stage dies (see [`Relay::stopped`]).
     ///
     /// Neither the engines nor NATS need to be up: ZeroMQ connects (and reconnects) in the
     /// background, and the NATS client retries forever while messages wait in the buffer.
     /// Must be called inside a Tokio runtime.
     ///
     /// # Errors
-    /// [`Error`] for a configuration that cannot work: no or malformed endpoints, bad names,
-    /// a malformed NATS URL, unreadable credentials, a metrics address that cannot be bound,
-    /// or a discovery directory that cannot be written.
+    /// [`Error`] for a configuration that cannot work: no or malformed endpoints (bad port,
+    /// missing ipc directory), bad names, a malformed NATS URL or one whose host does not
+    /// resolve, unusable credentials, a metrics address that cannot be bound, or a discovery
+    /// directory that cannot be written.
     pub async fn start(config: RelayConfig, shutdown: CancellationToken) -> Result<Relay, Error> {
         if config.zmq_endpoints.is_empty() {
             return Err(Error::NoEndpoints);
         }
         if config.buffer.max_messages == 0 || config.buffer.max_bytes == 0 {
             return Err(Error::Config("the buffer limits must be above 0".into()));
+        }
+        if config.http_max_connections == 0 {
+            return Err(Error::Config(
+                "the HTTP connection cap must be above 0".into(),
+            ));
         }
         let subject = FpmSubject::new(
             config.scope,
@@ -174,7 +276,15 @@ impl Relay {
             &config.endpoint,
         )?;
         let servers = parse_urls(&config.nats.url)?;
-        let metrics = Arc::new(Metrics::new());
+        let eps = config.zmq_endpoints.clone();
+        tokio::task::spawn_blocking(move || ingest::check_endpoints(&eps))
+            .await
+            .map_err(|e| Error::Config(format!("endpoint check task failed: {e}")))??;
+        check_resolvable(&config.nats.url, &servers).await?;
+        let metrics = Arc::new(Metrics::with_inputs(
+            &config.zmq_endpoints,
+            config.max_label_sets,
+        ));
         let conn = Arc::new(Conn::default());
         let options = connect_options(&config.nats, &metrics, &conn).await?;
 
@@ -190,16 +300,24 @@ impl Relay {
         let metrics_addr = listener.as_ref().and_then(|l| l.local_addr().ok());
 
         let ctx = zmq::Context::new();
-        let sockets = ingest::connect(&ctx, &config.zmq_endpoints, config.zmq_rcvhwm)?;
+        let inputs = ingest::connect(
+            &ctx,
+            &config.zmq_endpoints,
+            config.zmq_rcvhwm,
+            config.max_payload,
+        )?;
 
         let publisher_id = config.publisher_id.unwrap_or_else(random_publisher_id);
         let record = match &config.discovery_dir {
             Some(dir) => match discovery::record(dir, &subject, publisher_id) {
                 Some((path, json)) => {
-                    discovery::write_atomic(&path, &json).map_err(|error| Error::Discovery {
-                        dir: dir.clone(),
-                        error,
-                    })?;
+                    let (p, j) = (path.clone(), json.clone());
+                    blocking(move || discovery::write_atomic(&p, &j))
+                        .await
+                        .map_err(|error| Error::Discovery {
+                            dir: dir.clone(),
+                            error,
+                        })?;
                     Some((path, json))
                 }
                 None => {
@@ -214,30 +332,59 @@ impl Relay {
             Ok(c) => c,
             Err(e) => {
                 if let Some((p, _)) = &record {
-                    let _ = std::fs::remove_file(p);
+                    let p = p.clone();
+                    let _ = blocking(move || std::fs::remove_file(p)).await;
                 }
                 return Err(Error::Nats(e.to_string()));
             }
         };
 
+        let failed = CancellationToken::new();
         let buffer = Arc::new(Buffer::new(config.buffer, metrics.clone()));
+        let reader = Arc::new(ReaderState::new());
         let (done_tx, done_rx) = oneshot::channel::<()>();
         {
-            let (buffer, metrics, cancel) = (buffer.clone(), metrics.clone(), shutdown.clone());
-            let decoder = Decoder::new().with_max_size(config.max_payload);
+            let cx = ingest::ReaderContext {
+                buffer: buffer.clone(),
+                metrics: metrics.clone(),
+                decoder: Decoder::new().with_max_size(config.max_payload),
+                cancel: shutdown.clone(),
+                state: reader.clone(),
+                panic_after: config.fault_panic_reader_after,
+            };
             std::thread::Builder::new()
                 .name("fpm-relay-zmq".into())
-                .spawn(move || {
-                    ingest::run(sockets, buffer, metrics, decoder, cancel);
+                .spawn({
+                    let failed = failed.clone();
+                    move || {
+                    let r = std::panic::catch_unwind(AssertUnwindSafe(|| ingest::run(inputs, &cx)));
+                    let failure = match r {
+                        Ok(Ok(())) => None,
+                        Ok(Err(e)) => Some(e),
+                        Err(p) => Some(panic_text(p.as_ref())),
+                    };
+                    cx.state.ended(failure.clone());
+                    if let Some(f) = &failure {
+                        error!(reason = %f, "the ZeroMQ reader died: nothing is read any more; /health reports it");
+                        failed.cancel();
+                    }
                     drop(ctx);
                     let _ = done_tx.send(());
-                })
+                }})
                 .map_err(|e| Error::Config(format!("cannot start the ZeroMQ thread: {e}")))?;
         }
 
         let http_cancel = CancellationToken::new();
         if let Some(l) = listener {
-            tokio::spawn(http::serve(l, metrics.clone(), http_cancel.clone()));
+            let health = http::Health {
+                metrics: metrics.clone(),
+                reader: reader.clone(),
+            };
+            let limits = http::Limits {
+                max_connections: config.http_max_connections,
+                read_timeout: config.http_read_timeout,
+            };
+            tokio::spawn(http::serve(l, health, limits, http_cancel.clone()));
         }
         let refresh = record.clone().map(|(path, json)| {
             let cancel = shutdown.clone();
@@ -250,7 +397,8 @@ impl Relay {
                         biased;
                         _ = cancel.cancelled() => return,
                         _ = tick.tick() => {
-                            if let Err(e) = discovery::refresh(&path, &json) {
+                            let (p, j) = (path.clone(), json.clone());
+                            if let Err(e) = blocking(move || discovery::refresh(&p, &j)).await {
                                 warn!(path = %path.display(), error = %e, "cannot refresh the discovery record");
                             }
                         }
@@ -263,8 +411,8 @@ impl Relay {
         info!(
             subject = %subject_str,
             publisher_id,
-            endpoints = ?config.zmq_endpoints,
-            metrics = ?metrics_addr,
+            endpoints = %config.zmq_endpoints.join(","),
+            metrics = %metrics_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()),
             "relay started"
         );
         let mut publisher = Publisher {
@@ -288,9 +436,10 @@ impl Relay {
             if let Some(r) = refresh {
                 let _ = r.await;
             }
-            if let Some(p) = &record_path {
-                if let Err(e) = std::fs::remove_file(p) {
-                    warn!(path = %p.display(), error = %e, "cannot remove the discovery record");
+            if let Some(p) = record_path {
+                let shown = p.display().to_string();
+                if let Err(e) = blocking(move || std::fs::remove_file(p)).await {
+                    warn!(path = %shown, error = %e, "cannot remove the discovery record");
                 }
             }
             http_cancel.cancel();
@@ -305,12 +454,28 @@ impl Relay {
         });
         Ok(Relay {
             metrics,
+            reader,
+            failed,
             task,
             publisher_id,
             subject: subject_str,
             metrics_addr,
             record: record.map(|(p, _)| p),
         })
+    }
+
+    /// Completes if a stage dies: the ZeroMQ reader thread panicked or ZeroMQ failed. The
+    /// relay does not restart it: `/health` reports 503 from then on, and the owner should
+    /// shut the relay down ([`Relay::finish`] then returns [`Error::ReaderDied`]) and let a
+    /// supervisor start a new one. `fpm relay` does exactly that and exits 1.
+    pub async fn failed(&self) {
+        self.failed.cancelled().await;
+    }
+
+    /// Whether every stage is working: the ZeroMQ reader thread runs and NATS is connected
+    /// (what `/health` reports).
+    pub fn healthy(&self) -> bool {
+        self.reader.alive() && self.metrics.connected.get() == 1
     }
 
     /// A snapshot of the counters.
@@ -349,5 +514,18 @@ impl Relay {
     pub async fn wait(self) -> Stats {
         let _ = self.task.await;
         self.metrics.stats()
+    }
+
+    /// Like [`Relay::wait`], but an error if the relay stopped because a stage died.
+    ///
+    /// # Errors
+    /// [`Error::ReaderDied`] with the reason, when the ZeroMQ reader thread died.
+    pub async fn finish(self) -> Result<Stats, Error> {
+        let reader = self.reader.clone();
+        let stats = self.wait().await;
+        match reader.failure() {
+            Some(f) => Err(Error::ReaderDied(f.to_owned())),
+            None => Ok(stats),
+        }
     }
 }

@@ -151,6 +151,23 @@ pub struct RelayArgs {
     /// ZeroMQ receive high-water mark per engine socket, in messages.
     #[arg(long, default_value_t = 100_000)]
     pub zmq_rcvhwm: i32,
+    /// Fault injection for tests: the ZeroMQ reader thread panics after this many messages.
+    #[arg(long, hide = true)]
+    pub fault_panic_reader_after: Option<u64>,
+
+    /// Ids of the input arguments whose value came from the environment (filled by
+    /// [`crate::parse`], for the log line saying where the inputs came from).
+    #[arg(skip)]
+    pub from_env: Vec<&'static str>,
+}
+
+/// Where one group of inputs came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputGroup {
+    /// The endpoints.
+    pub endpoints: Vec<String>,
+    /// `flag --zmq-endpoint`, `environment DYN_FORWARDPASS_METRIC_PORT=20380`, ...
+    pub source: String,
 }
 
 impl RelayArgs {
@@ -159,19 +176,11 @@ impl RelayArgs {
     /// # Errors
     /// A message saying which flag to fix.
     pub fn to_config(&self) -> Result<RelayConfig> {
-        let mut endpoints = self.zmq_endpoints.clone();
-        if let Some(base) = &self.ipc_base {
-            endpoints.extend(fpm_relay::ipc_endpoints(base, &self.dp_ranks));
-        }
-        if let Some(port) = self.tcp_port_base {
-            if u32::from(port) + u32::from(self.dp_size) > 65536 || self.dp_size == 0 {
-                bail!(
-                    "--tcp-port-base {port} with --dp-size {} gives ports outside 1..65535",
-                    self.dp_size
-                );
-            }
-            endpoints.extend(fpm_relay::tcp_endpoints(&self.tcp_host, port, self.dp_size));
-        }
+        let endpoints: Vec<String> = self
+            .inputs()?
+            .into_iter()
+            .flat_map(|g| g.endpoints)
+            .collect();
         for e in &endpoints {
             if !(e.starts_with("tcp://") || e.starts_with("ipc://") || e.starts_with("inproc://")) {
                 bail!("ZeroMQ endpoint {e:?} is not usable: use tcp://HOST:PORT or ipc:///path");
@@ -245,7 +254,68 @@ impl RelayArgs {
             .clone()
             .filter(|d| !d.as_os_str().is_empty());
         c.zmq_rcvhwm = self.zmq_rcvhwm;
+        c.fault_panic_reader_after = self.fault_panic_reader_after;
         Ok(c)
+    }
+
+    /// The engine endpoints, grouped by the argument that gave them and where its value came
+    /// from (flag or environment).
+    ///
+    /// # Errors
+    /// A message saying which flag to fix.
+    pub fn inputs(&self) -> Result<Vec<InputGroup>> {
+        let source = |id: &str, flag: &str, env: &str, value: &dyn std::fmt::Display| {
+            if self.from_env.contains(&id) {
+                format!("environment {env}={value}")
+            } else {
+                format!("flag {flag} {value}")
+            }
+        };
+        let mut groups = Vec::new();
+        if !self.zmq_endpoints.is_empty() {
+            groups.push(InputGroup {
+                endpoints: self.zmq_endpoints.clone(),
+                source: source(
+                    "zmq_endpoints",
+                    "--zmq-endpoint",
+                    "FPM_ZMQ_ENDPOINTS",
+                    &self.zmq_endpoints.join(","),
+                ),
+            });
+        }
+        if let Some(base) = &self.ipc_base {
+            groups.push(InputGroup {
+                endpoints: fpm_relay::ipc_endpoints(base, &self.dp_ranks),
+                source: source("ipc_base", "--ipc-base", "FPM_IPC_BASE", base),
+            });
+        }
+        if let Some(port) = self.tcp_port_base {
+            if u32::from(port) + u32::from(self.dp_size) > 65536 || self.dp_size == 0 {
+                bail!(
+                    "--tcp-port-base {port} with --dp-size {} gives ports outside 1..65535",
+                    self.dp_size
+                );
+            }
+            groups.push(InputGroup {
+                endpoints: fpm_relay::tcp_endpoints(&self.tcp_host, port, self.dp_size),
+                source: source(
+                    "tcp_port_base",
+                    "--tcp-port-base",
+                    "DYN_FORWARDPASS_METRIC_PORT",
+                    &port,
+                ),
+            });
+        }
+        Ok(groups)
+    }
+
+    /// Records which input arguments took their value from the environment.
+    pub fn note_sources(&mut self, matches: &clap::ArgMatches) {
+        for id in ["zmq_endpoints", "ipc_base", "tcp_port_base"] {
+            if matches.value_source(id) == Some(clap::parser::ValueSource::EnvVariable) {
+                self.from_env.push(id);
+            }
+        }
     }
 }
 
@@ -255,6 +325,7 @@ impl RelayArgs {
 /// A startup error saying what to fix.
 pub fn relay(args: RelayArgs) -> Result<()> {
     let config = args.to_config()?;
+    let inputs = args.inputs()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -264,10 +335,22 @@ pub fn relay(args: RelayArgs) -> Result<()> {
     rt.block_on(async move {
         let shutdown = CancellationToken::new();
         let relay = Relay::start(config, shutdown.clone()).await?;
-        wait_for_signal().await?;
-        info!("shutting down");
+        for g in &inputs {
+            info!(
+                endpoints = %g.endpoints.join(","),
+                source = %g.source,
+                "reading engine inputs"
+            );
+        }
+        tokio::select! {
+            r = wait_for_signal() => {
+                r?;
+                info!("shutting down");
+            }
+            () = relay.failed() => {}
+        }
         shutdown.cancel();
-        relay.wait().await;
+        relay.finish().await?;
         Ok(())
     })
 }

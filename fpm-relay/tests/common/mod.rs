@@ -150,6 +150,29 @@ impl Engine {
     }
 }
 
+/// Awaits `f`, panicking if it takes longer than `secs` seconds (every await in a test is
+/// bounded).
+pub async fn within<F: std::future::Future>(secs: u64, f: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(secs), f)
+        .await
+        .unwrap_or_else(|_| panic!("not done within {secs} s"))
+}
+
+/// Cancels `token` and waits (bounded) for the relay to stop; returns its final counters.
+pub async fn shut_down(relay: Relay, token: &CancellationToken) -> fpm_relay::Stats {
+    token.cancel();
+    within(10, relay.wait()).await
+}
+
+/// The value of the sample `name_and_labels` (e.g. `fpm_relay_received_messages_total` or
+/// `x_total{a="b"}`) in an OpenMetrics text, if present.
+pub fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.rsplit_once(' ')?;
+        (k == name_and_labels).then(|| v.parse().ok())?
+    })
+}
+
 /// Polls `cond` every 10 ms; panics after `timeout`.
 pub async fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
@@ -187,7 +210,9 @@ pub async fn subscribe(url: &str, subject: &str) -> async_nats::Subscriber {
         .await
         .expect("connect in time")
         .expect("connect");
-    let sub = client.subscribe(subject.to_owned()).await.unwrap();
+    let sub = within(5, client.subscribe(subject.to_owned()))
+        .await
+        .unwrap();
     tokio::time::timeout(Duration::from_secs(5), client.flush())
         .await
         .unwrap()
