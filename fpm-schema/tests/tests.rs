@@ -60,6 +60,78 @@ prop_compose! {
     }
 }
 
+/// Every class of f64 bit pattern: any bits, normals, subnormals, zeros, the extremes, NaNs
+/// with any sign and payload, and the infinities.
+fn f64_bit_patterns() -> impl Strategy<Value = f64> {
+    let sign = any::<bool>().prop_map(|s| (s as u64) << 63);
+    let mantissa = 0u64..(1 << 52);
+    prop_oneof![
+        any::<u64>().prop_map(f64::from_bits),
+        (sign.clone(), 1u64..2047, mantissa.clone())
+            .prop_map(|(s, e, m)| f64::from_bits(s | e << 52 | m)),
+        (sign.clone(), 1u64..(1 << 52)).prop_map(|(s, m)| f64::from_bits(s | m)),
+        (sign, 1u64..(1 << 52)).prop_map(|(s, m)| f64::from_bits(s | 0x7ff << 52 | m)),
+        prop::sample::select(vec![
+            0.0,
+            -0.0,
+            f64::MAX,
+            f64::MIN,
+            f64::MIN_POSITIVE,
+            -f64::MIN_POSITIVE,
+            5e-324,
+            -5e-324,
+            f64::from_bits(0x000f_ffff_ffff_ffff),
+            f64::NAN,
+            -f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::EPSILON,
+            9007199254740993.0,
+            945193719.3038037,
+            0.1,
+        ]),
+    ]
+}
+
+fn float_fields(m: &ForwardPassMetrics) -> [u64; 5] {
+    [
+        m.wall_time.to_bits(),
+        m.scheduled_requests.var_prefill_length.to_bits(),
+        m.scheduled_requests.var_decode_kv_tokens.to_bits(),
+        m.queued_requests.var_prefill_length.to_bits(),
+        m.queued_requests.var_decode_kv_tokens.to_bits(),
+    ]
+}
+
+proptest! {
+    // 20,000 messages x 5 float fields = 100,000 bit patterns.
+    #![proptest_config(ProptestConfig::with_cases(20_000))]
+
+    /// The JSON form (`fpm decode` / `fpm encode`) keeps every float bit for bit: finite
+    /// values as shortest round-trip numbers, the rest as strings.
+    #[test]
+    fn json_floats_round_trip_bit_exact(w in f64_bit_patterns(), a in f64_bit_patterns(),
+                                        b in f64_bit_patterns(), c in f64_bit_patterns(),
+                                        d in f64_bit_patterns()) {
+        let m = ForwardPassMetrics {
+            wall_time: w,
+            scheduled_requests: ScheduledRequestMetrics {
+                var_prefill_length: a, var_decode_kv_tokens: b, ..Default::default()
+            },
+            queued_requests: QueuedRequestMetrics {
+                var_prefill_length: c, var_decode_kv_tokens: d, ..Default::default()
+            },
+            ..Default::default()
+        };
+        let text = serde_json::to_string(&m).unwrap();
+        let back: ForwardPassMetrics = serde_json::from_str(&text).unwrap();
+        prop_assert_eq!(float_fields(&back), float_fields(&m), "{}", text);
+        let pretty: ForwardPassMetrics =
+            serde_json::from_slice(serde_json::to_string_pretty(&m).unwrap().as_bytes()).unwrap();
+        prop_assert_eq!(float_fields(&pretty), float_fields(&m));
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
 
