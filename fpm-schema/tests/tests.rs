@@ -1,8 +1,9 @@
 //! Property tests: round trips for arbitrary messages, and no panic on arbitrary input.
 
 use fpm_schema::{
-    decode, encode, encode_into, fuzz_all_decoders, peek_key, Envelope, ForwardPassMetrics,
-    QueuedRequestMetrics, ScheduledRequestMetrics, FPM_TOPIC,
+    decode, encode, encode_into, envelope_overhead, fuzz_all_decoders, peek_key, Envelope,
+    ForwardPassMetrics, QueuedRequestMetrics, ScheduledRequestMetrics, DEFAULT_MAX_SIZE, FPM_TOPIC,
+    MAX_TOPIC_LEN,
 };
 use proptest::prelude::*;
 
@@ -129,6 +130,47 @@ proptest! {
         let pretty: ForwardPassMetrics =
             serde_json::from_slice(serde_json::to_string_pretty(&m).unwrap().as_bytes()).unwrap();
         prop_assert_eq!(float_fields(&pretty), float_fields(&m));
+    }
+}
+
+/// Integers biased to the msgpack form boundaries, where the envelope grows.
+fn any_u64() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        any::<u64>(),
+        prop::sample::select(vec![
+            0,
+            127,
+            128,
+            255,
+            256,
+            65_535,
+            65_536,
+            u32::MAX as u64,
+            1 << 32,
+            u64::MAX
+        ]),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// Every envelope of a payload up to the default limit and a topic up to the longest
+    /// allowed decodes with the default decoder, and never exceeds the derived bound.
+    #[test]
+    fn envelope_within_limits_always_decodes(
+        payload_len in prop_oneof![0..=DEFAULT_MAX_SIZE, (DEFAULT_MAX_SIZE - 300)..=DEFAULT_MAX_SIZE,
+                                   Just(255usize), Just(256usize), Just(65_535usize)],
+        topic in prop_oneof![Just(FPM_TOPIC.to_owned()), "[a-z-]{0,255}", "\\PC{0,63}"],
+        pid in any_u64(), seq in any_u64(), at in any_u64(),
+    ) {
+        prop_assume!(topic.len() <= MAX_TOPIC_LEN);
+        let payload = vec![0x5a; payload_len];
+        let env = Envelope { publisher_id: pid, sequence: seq, published_at: at,
+                             topic: &topic, payload: &payload };
+        let bytes = env.encode();
+        prop_assert!(bytes.len() <= payload_len + envelope_overhead(topic.len()));
+        prop_assert_eq!(Envelope::decode(&bytes), Ok(env));
     }
 }
 
