@@ -978,20 +978,26 @@ def bench(mod, iterations: int, repeats: int = 5) -> dict[str, Any]:
 
 
 def welford_lists(seed: int, count: int) -> Iterator[list[int]]:
-    fixed = [[], [0], [5], [7, 7, 7], [0, 10**9], [10**9] * 200, [10**9 + (i % 3) for i in range(200)], list(range(200))]
+    fixed = [[], [0], [5], [7, 7, 7], [0, 10**9], [10**9] * 200, [10**9 + (i % 3) for i in range(200)], list(range(200)),
+             [-5, 5, -(10**9)], [2**53 + 1, 2**53 + 3, 2**53 + 5], [-(2**55), 2**55, 1, -1]]  # fmt: skip
     for lst in fixed[:count]:
         yield lst
     rng = random.Random(seed)
     for _ in range(max(0, count - len(fixed))):
         n = rng.randint(0, 200)
         r = rng.random()
-        if r < 0.6:
+        if r < 0.5:
             yield [rng.randint(0, 10**6) for _ in range(n)]
-        elif r < 0.85:
+        elif r < 0.7:
             yield [rng.randint(0, 10**9) if rng.random() < 0.2 else rng.randint(0, 10**6) for _ in range(n)]
-        else:
+        elif r < 0.8:
             base = rng.randint(10**8, 10**9)
             yield [base + rng.randint(0, 10) for _ in range(n)]  # big mean, tiny variance
+        elif r < 0.9:
+            yield [rng.randint(-(10**6), 10**6) for _ in range(n)]
+        else:
+            # beyond 2**53: the int -> float conversion rounds (the sum stays inside i64)
+            yield [rng.randint(-(2**55), 2**55) for _ in range(n)]
 
 
 def welford_results(mod, seed: int, count: int) -> Iterator[dict[str, Any]]:

@@ -117,7 +117,10 @@ pub struct QueuedRequestMetrics {
 }
 
 /// Welford's online count / sum / population variance, bit-for-bit the same arithmetic as the
-/// `WelfordAccumulator` in Dynamo and SGLang (so variances agree with theirs exactly).
+/// `WelfordAccumulator` in Dynamo and SGLang (so variances agree with theirs exactly: the
+/// contract tests compare the bits with both Python implementations on random inputs,
+/// including values beyond 2^53 and negative ones). The one difference: the sum saturates at
+/// the i64 limits where Python's int keeps growing.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Welford {
     n: i64,
