@@ -194,7 +194,7 @@ fn compare_with_msgspec() {
     println!("same-run comparison with msgspec 0.22 (dynamo module), {} B message, best of 5 x {iterations}:", bytes.len());
     let row = |what: &str, ours: f64, theirs: f64, note: &str| {
         println!(
-            "  {what:<34} fpm-schema {ours:7.1} ns  msgspec {theirs:7.1} ns  ratio {:5.1}x  {note}",
+            "  {what:<36} fpm-schema {ours:7.1} ns  msgspec {theirs:7.1} ns  ratio {:5.1}x  {note}",
             theirs / ours
         );
     };
