@@ -9,7 +9,7 @@ Subcommands:
   gen     --module M --seed S --count N   boundary + random vectors encoded by M (expect ok)
   check   --module M  < vectors.jsonl     re-encode / decode vectors produced elsewhere (Rust)
   extras  --module M                      decoder-semantics vectors, outcome recorded from M
-  bench   --module M --iterations N       msgspec encode/decode timing of one message
+  bench   --module M --iterations N       msgspec encode / encode_into / decode timing of one message
   welford --module M --seed S --count N   WelfordAccumulator reference results
 """
 
@@ -947,12 +947,18 @@ def bench(mod, iterations: int, repeats: int = 5) -> dict[str, Any]:
     # The loops call the bound methods directly (no lambda per call) so the figure is
     # msgspec's cost plus only the unavoidable Python loop overhead.
     e = enc.encode
+    ei = enc.encode_into
     d = dec.decode
     rng = range(iterations)
+    buf = bytearray()  # reused: after the first call it already has the message's size
 
     def encode_loop() -> None:
         for _ in rng:
             e(m)
+
+    def encode_into_loop() -> None:
+        for _ in rng:
+            ei(m, buf)
 
     def decode_loop() -> None:
         for _ in rng:
@@ -967,8 +973,11 @@ def bench(mod, iterations: int, repeats: int = 5) -> dict[str, Any]:
         return min(res)
 
     encode_ns = best(encode_loop)
+    encode_into_ns = best(encode_into_loop)
+    assert bytes(buf) == data, "encode_into wrote other bytes"
     decode_ns = best(decode_loop)
-    return {"module": mod.__fpm_name__, "encode_ns": round(encode_ns, 1), "decode_ns": round(decode_ns, 1),
+    return {"module": mod.__fpm_name__, "encode_ns": round(encode_ns, 1), "encode_into_ns": round(encode_into_ns, 1),
+            "decode_ns": round(decode_ns, 1),
             "bytes": len(data), "iterations": iterations, "repeats": repeats,
             "msgspec": msgspec.__version__, "python": sys.version.split()[0]}  # fmt: skip
 
@@ -978,20 +987,26 @@ def bench(mod, iterations: int, repeats: int = 5) -> dict[str, Any]:
 
 
 def welford_lists(seed: int, count: int) -> Iterator[list[int]]:
-    fixed = [[], [0], [5], [7, 7, 7], [0, 10**9], [10**9] * 200, [10**9 + (i % 3) for i in range(200)], list(range(200))]
+    fixed = [[], [0], [5], [7, 7, 7], [0, 10**9], [10**9] * 200, [10**9 + (i % 3) for i in range(200)], list(range(200)),
+             [-5, 5, -(10**9)], [2**53 + 1, 2**53 + 3, 2**53 + 5], [-(2**55), 2**55, 1, -1]]  # fmt: skip
     for lst in fixed[:count]:
         yield lst
     rng = random.Random(seed)
     for _ in range(max(0, count - len(fixed))):
         n = rng.randint(0, 200)
         r = rng.random()
-        if r < 0.6:
+        if r < 0.5:
             yield [rng.randint(0, 10**6) for _ in range(n)]
-        elif r < 0.85:
+        elif r < 0.7:
             yield [rng.randint(0, 10**9) if rng.random() < 0.2 else rng.randint(0, 10**6) for _ in range(n)]
-        else:
+        elif r < 0.8:
             base = rng.randint(10**8, 10**9)
             yield [base + rng.randint(0, 10) for _ in range(n)]  # big mean, tiny variance
+        elif r < 0.9:
+            yield [rng.randint(-(10**6), 10**6) for _ in range(n)]
+        else:
+            # beyond 2**53: the int -> float conversion rounds (the sum stays inside i64)
+            yield [rng.randint(-(2**55), 2**55) for _ in range(n)]
 
 
 def welford_results(mod, seed: int, count: int) -> Iterator[dict[str, Any]]:

@@ -55,19 +55,63 @@ fn check_vector(v: &Vector) -> Result<(), String> {
         Expect::Error => match got {
             Ok(m) => return Err(format!("{}: want an error, decoded {m:?}", v.name)),
             Err(e) => {
+                // msgspec names the field (dotted path) unless the error is about the whole
+                // message (""); then there is nothing to compare. Otherwise our error must
+                // name exactly that field.
                 if let Some(field) = v.error_field.as_deref().filter(|f| !f.is_empty()) {
-                    let ours = e.field().unwrap_or("");
-                    if ours != field && !ours.ends_with(field) && !field.ends_with(ours) {
-                        return Err(format!(
-                            "{}: error {e} is about `{ours}`, want `{field}`",
-                            v.name
-                        ));
+                    match e.field() {
+                        Some(ours) if ours == field => {}
+                        Some(ours) => {
+                            return Err(format!(
+                                "{}: error \"{e}\" is about `{ours}`, want `{field}`",
+                                v.name
+                            ))
+                        }
+                        None => {
+                            return Err(format!(
+                                "{}: error \"{e}\" names no field, want `{field}`",
+                                v.name
+                            ))
+                        }
                     }
                 }
             }
         },
     }
     Ok(())
+}
+
+/// The error-field check itself: an error about another field, or about no field, fails it.
+#[test]
+fn error_field_check_rejects_a_wrong_or_missing_field() {
+    // {"counter_id": 1.0}: a float for an int, which our decoder reports for `counter_id`.
+    let float_for_counter = b"\x81\xaacounter_id\xcb\x3f\xf0\0\0\0\0\0\0".to_vec();
+    let vector = |msgpack: Vec<u8>, field: &str| Vector {
+        name: format!("field-check/{field}"),
+        source: "msgpack".into(),
+        msgpack,
+        expect: Expect::Error,
+        value: None,
+        error_field: Some(field.into()),
+    };
+    assert_eq!(
+        check_vector(&vector(float_for_counter.clone(), "counter_id")),
+        Ok(())
+    );
+    // msgspec names no field: nothing to compare.
+    assert_eq!(check_vector(&vector(float_for_counter.clone(), "")), Ok(()));
+    let wrong = check_vector(&vector(float_for_counter.clone(), "dp_rank")).unwrap_err();
+    assert!(
+        wrong.contains("is about `counter_id`, want `dp_rank`"),
+        "{wrong}"
+    );
+    // A suffix or prefix of the right path is still the wrong field.
+    let nested = check_vector(&vector(float_for_counter, "scheduled_requests.counter_id"));
+    assert!(nested.is_err());
+    // Trailing bytes: our error names no field, so it cannot be about `dp_rank`.
+    let trailing = [encode(&Default::default()), vec![0xc0]].concat();
+    let none = check_vector(&vector(trailing, "dp_rank")).unwrap_err();
+    assert!(none.contains("names no field, want `dp_rank`"), "{none}");
 }
 
 fn check_all(vectors: &[Vector]) -> usize {
@@ -200,12 +244,14 @@ mod golden {
     #[test]
     fn welford_matches_python_accumulator() {
         let path = repo_root().join("contract-tests/vectors/welford.jsonl");
-        check_welford(&fs::read_to_string(path).unwrap());
+        assert_eq!(check_welford(&fs::read_to_string(path).unwrap()), 50);
     }
 }
 
-/// Checks Welford results from Python: count and sum exact, variance within 1e-12 relative.
-fn check_welford(text: &str) {
+/// Checks Welford results from Python: count and sum exact, and the variance bit for bit
+/// (`fpm_schema::Welford` does the upstream accumulators' arithmetic in the same order, and
+/// Python's int -> float conversion rounds to nearest even as Rust's `as f64` does).
+fn check_welford(text: &str) -> usize {
     let mut cases = 0;
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         let v: Value = serde_json::from_str(line).unwrap();
@@ -223,14 +269,15 @@ fn check_welford(text: &str) {
             .unwrap(),
         );
         let got = w.variance();
-        let tol = 1e-12 * want.abs().max(f64::MIN_POSITIVE);
-        assert!(
-            (got - want).abs() <= tol,
-            "variance {got} vs python {want} for {line}"
+        assert_eq!(
+            got.to_bits(),
+            want.to_bits(),
+            "variance {got:e} vs python {want:e} for {line}"
         );
         cases += 1;
     }
     assert!(cases >= 20);
+    cases
 }
 
 mod live {
@@ -356,12 +403,12 @@ mod live {
             let (_, out) = run_contract(
                 &py,
                 &[
-                    "welford", "--module", module, "--seed", &seed, "--count", "200",
+                    "welford", "--module", module, "--seed", &seed, "--count", "1000",
                 ],
                 b"",
                 false,
             );
-            check_welford(&out);
+            assert_eq!(check_welford(&out), 1000, "{module}");
         }
     }
 }

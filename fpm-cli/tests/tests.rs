@@ -3,7 +3,10 @@
 mod codec {
     use std::io::Write;
     use std::process::{Command, Output, Stdio};
+    use std::sync::mpsc;
+    use std::time::Duration;
 
+    /// Runs `fpm ARGS` with `stdin`; a run that takes over 60 s (a hang) fails the test.
     fn fpm(args: &[&str], stdin: &[u8]) -> Output {
         let mut child = Command::new(env!("CARGO_BIN_EXE_fpm"))
             .args(args)
@@ -12,8 +15,25 @@ mod codec {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn fpm");
-        child.stdin.take().unwrap().write_all(stdin).unwrap();
-        child.wait_with_output().unwrap()
+        let pid = child.id();
+        let mut sin = child.stdin.take().unwrap();
+        let input = stdin.to_vec();
+        // A broken pipe is fine: fpm may stop reading early on bad input.
+        let writer = std::thread::spawn(move || drop(sin.write_all(&input)));
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || drop(tx.send(child.wait_with_output())));
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(out) => {
+                writer.join().unwrap();
+                out.expect("fpm output")
+            }
+            Err(_) => {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+                panic!("fpm {args:?} did not finish within 60 s");
+            }
+        }
     }
 
     fn stderr(o: &Output) -> String {
@@ -25,7 +45,7 @@ mod codec {
         let json = r#"{"worker_id":"w-ü","dp_rank":2,"counter_id":9,"wall_time":"NaN",
                        "scheduled_requests":{"num_decode_requests":3,"var_decode_kv_tokens":2},
                        "timing_scope":"ignored"}"#;
-        let enc = fpm(&["encode"], json.as_bytes());
+        let enc = fpm(&["encode", "--lenient"], json.as_bytes());
         assert!(enc.status.success(), "{}", stderr(&enc));
         let m = fpm_schema::decode(&enc.stdout).unwrap();
         assert_eq!(m.worker_id, "w-ü");
@@ -69,11 +89,152 @@ mod codec {
             text.contains(r#""payload":{"version":1,"worker_id":"a""#),
             "{text}"
         );
-        // --payload reads it as a bare FPM map: every envelope key is unknown to the FPM
-        // schema, so (as with msgspec) it decodes to the default message, not worker "a".
+        // --payload would read it as a bare FPM map whose keys are all unknown, i.e. the
+        // default message: an envelope is recognisable, so that is an error instead.
         let dec = fpm(&["decode", "--payload", "--compact"], &enc.stdout);
-        let text = String::from_utf8(dec.stdout).unwrap();
-        assert!(text.contains(r#""worker_id":"""#), "{text}");
+        assert_eq!(dec.status.code(), Some(1));
+        assert!(dec.stdout.is_empty());
+        assert_eq!(
+            stderr(&dec),
+            "fpm: error: the input is an event-plane envelope, not a bare FPM payload: drop --payload to decode the envelope and the payload inside it\n"
+        );
+    }
+
+    /// Every error of `fpm decode` / `fpm encode` is exactly one line, says each thing once,
+    /// and exits 1.
+    #[test]
+    fn errors_are_one_exact_line_exit_1() {
+        let envelope = fpm(
+            &[
+                "encode",
+                "--envelope-publisher-id",
+                "1",
+                "--envelope-published-at",
+                "2",
+            ],
+            b"{}",
+        );
+        assert!(envelope.status.success(), "{}", stderr(&envelope));
+        let known = "`version`, `worker_id`, `dp_rank`, `counter_id`, `wall_time`, `scheduled_requests`, `queued_requests`";
+        let sched = "`num_prefill_requests`, `sum_prefill_tokens`, `var_prefill_length`, `sum_prefill_kv_tokens`, `num_decode_requests`, `sum_decode_kv_tokens`, `var_decode_kv_tokens`";
+        let json_hint = "the input is JSON, not msgpack: `fpm decode` reads msgpack (to turn JSON into msgpack, use `fpm encode`)";
+        let cases: Vec<(&[&str], &[u8], String)> = vec![
+            (&["encode"], b"{} x", "invalid JSON: trailing characters at line 1 column 4".into()),
+            (
+                &["encode"],
+                br#"{"dp_rank":100000000000000000000}"#,
+                "invalid JSON: field `dp_rank`: integer 1e20 is outside the i64 range at line 1 column 32".into(),
+            ),
+            (
+                &["encode"],
+                br#"{"queued_requests":{"sum_decode_kv_tokens":18446744073709551615}}"#,
+                "invalid JSON: field `queued_requests.sum_decode_kv_tokens`: integer 18446744073709551615 is outside the i64 range at line 1 column 63".into(),
+            ),
+            (
+                &["encode"],
+                br#"{"dp_rank":1.5}"#,
+                "invalid JSON: field `dp_rank`: invalid type: floating point `1.5`, expected i64 at line 1 column 14".into(),
+            ),
+            (
+                &["encode"],
+                br#"{"wall_tme":0.5}"#,
+                format!("invalid JSON: unknown field `wall_tme` (expected one of {known}; --lenient ignores unknown fields)"),
+            ),
+            (
+                &["encode"],
+                br#"{"scheduled_requests":{"num_prefil_requests":1}}"#,
+                format!("invalid JSON: unknown field `scheduled_requests.num_prefil_requests` (expected one of {sched}; --lenient ignores unknown fields)"),
+            ),
+            (
+                &["encode"],
+                br#"{"version":2}"#,
+                "invalid JSON: field `version`: unsupported version 2 (decoders accept only 1; --lenient writes it anyway)".into(),
+            ),
+            (&["decode"], br#"{"worker_id":"a"}"#, json_hint.into()),
+            (&["decode", "--payload"], b" [1, 2]", json_hint.into()),
+            (&["decode", "--envelope"], b"{}", json_hint.into()),
+            (&["decode", "--hex"], b"{\"dp_rank\": 1}\n", json_hint.into()),
+            (
+                &["decode", "/nonexistent/fpm.bin"],
+                b"",
+                "cannot read /nonexistent/fpm.bin: No such file or directory (os error 2)".into(),
+            ),
+            (
+                &["encode", "-o", "/nonexistent/fpm.bin"],
+                b"{}",
+                "cannot write /nonexistent/fpm.bin: No such file or directory (os error 2)".into(),
+            ),
+        ];
+        for (args, input, want) in cases {
+            let o = fpm(args, input);
+            assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
+            assert_eq!(stderr(&o), format!("fpm: error: {want}\n"), "{args:?}");
+            assert!(o.stdout.is_empty(), "{args:?}");
+        }
+    }
+
+    #[test]
+    fn lenient_ignores_unknown_keys_and_writes_any_version() {
+        let o = fpm(&["encode", "--lenient"], br#"{"version":2,"wall_tme":0.5}"#);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let m = fpm_schema::Decoder::new().decode(&o.stdout);
+        assert_eq!(
+            m,
+            Err(fpm_schema::DecodeError::UnsupportedVersion { version: 2 })
+        );
+        let o = fpm(&["encode", "--lenient"], br#"{"wall_tme":0.5}"#);
+        assert_eq!(fpm_schema::decode(&o.stdout).unwrap(), Default::default());
+    }
+
+    /// `fpm decode | fpm encode` gives back exactly the bytes msgspec wrote, for the boundary
+    /// cases and random messages encoded by the upstream structs (floats of every class, NaN
+    /// payloads, i64 extremes, non-ASCII worker ids up to 60,000 bytes).
+    #[test]
+    fn decode_then_encode_is_byte_identical_on_upstream_messages() {
+        let Some(py) = fpm_testkit::python() else {
+            return;
+        };
+        let seed = std::env::var("FPM_CONTRACT_SEED").unwrap_or_else(|_| {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap();
+            (t.as_nanos() % 1_000_000_007).to_string()
+        });
+        eprintln!("contract seed: {seed} (rerun with FPM_CONTRACT_SEED={seed})");
+        let script = fpm_testkit::repo_root().join("contract-tests/python/fpmcontract.py");
+        let out = Command::new(py)
+            .arg(script)
+            .args([
+                "gen", "--module", "dynamo", "--seed", &seed, "--count", "250",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut n = 0;
+        for line in String::from_utf8(out.stdout).unwrap().lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let hex = v["msgpack"].as_str().unwrap();
+            let bytes: Vec<u8> = (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+                .collect();
+            let dec = fpm(&["decode", "--compact"], &bytes);
+            assert!(dec.status.success(), "{}: {}", v["name"], stderr(&dec));
+            let enc = fpm(&["encode"], &dec.stdout);
+            assert!(enc.status.success(), "{}: {}", v["name"], stderr(&enc));
+            assert!(
+                enc.stdout == bytes,
+                "{}: fpm decode | fpm encode changed the bytes; JSON was {}",
+                v["name"],
+                String::from_utf8_lossy(&dec.stdout)
+            );
+            n += 1;
+        }
+        assert!(n >= 250 + 50, "only {n} messages");
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! Codec benchmarks: encode, decode, key peek, envelope wrap/unwrap, one group per payload
 //! shape. At the end, msgspec's own encode/decode of the same message is timed by the contract
-//! venv in this same run and compared with ours, timed the same way (best of 5 loops).
+//! venv in this same run and compared with ours, timed the same way (best of 5 loops), like
+//! for like: allocating encode with `Encoder.encode`, encode into a reused buffer with
+//! `Encoder.encode_into` into a reused `bytearray`, decode to a new struct with
+//! `Decoder(ForwardPassMetrics).decode`; each ratio is printed.
 //!
 //! `cargo bench -p fpm-schema --bench codec` (set `FPM_BENCH_SKIP_PEER=1` to skip msgspec).
 
@@ -66,6 +69,7 @@ fn bench_codec(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new("encode_into", bytes.len()), |b| {
             b.iter(|| encode_into(black_box(&m), &mut buf))
         });
+        g.bench_function("encode", |b| b.iter(|| encode(black_box(&m))));
         g.bench_function("decode", |b| b.iter(|| decode(black_box(&bytes)).unwrap()));
         let mut out = ForwardPassMetrics::default();
         g.bench_function("decode_into", |b| {
@@ -163,12 +167,20 @@ fn compare_with_msgspec() {
             .parse()
             .unwrap()
     };
-    let (py_enc, py_dec, py_bytes) = (field("encode_ns"), field("decode_ns"), field("bytes"));
+    let (py_enc, py_enc_into, py_dec, py_bytes) = (
+        field("encode_ns"),
+        field("encode_into_ns"),
+        field("decode_ns"),
+        field("bytes"),
+    );
     let m = representative();
     let bytes = encode(&m);
     assert_eq!(bytes.len() as f64, py_bytes, "bench messages differ");
+    let rs_enc = best_of(iterations, 5, || {
+        black_box(encode(black_box(&m)));
+    });
     let mut buf = Vec::with_capacity(1024);
-    let rs_enc = best_of(iterations, 5, || encode_into(black_box(&m), &mut buf));
+    let rs_enc_into = best_of(iterations, 5, || encode_into(black_box(&m), &mut buf));
     let rs_dec = best_of(iterations, 5, || {
         black_box(decode(black_box(&bytes)).unwrap());
     });
@@ -180,9 +192,36 @@ fn compare_with_msgspec() {
     });
     println!();
     println!("same-run comparison with msgspec 0.22 (dynamo module), {} B message, best of 5 x {iterations}:", bytes.len());
-    println!("  encode: fpm-schema {rs_enc:7.1} ns  msgspec {py_enc:7.1} ns  ratio {:5.1}x  (target >= 5x)", py_enc / rs_enc);
-    println!("  decode: fpm-schema {rs_dec:7.1} ns  msgspec {py_dec:7.1} ns  ratio {:5.1}x  (target >= 5x; owned result, allocates the worker id)", py_dec / rs_dec);
-    println!("  decode_into:       {rs_dec_into:7.1} ns  msgspec {py_dec:7.1} ns  ratio {:5.1}x  (reused output)", py_dec / rs_dec_into);
+    let row = |what: &str, ours: f64, theirs: f64, note: &str| {
+        println!(
+            "  {what:<36} fpm-schema {ours:7.1} ns  msgspec {theirs:7.1} ns  ratio {:5.1}x  {note}",
+            theirs / ours
+        );
+    };
+    row(
+        "encode, new buffer (encode)",
+        rs_enc,
+        py_enc,
+        "(Encoder.encode)",
+    );
+    row(
+        "encode, reused buffer (encode_into)",
+        rs_enc_into,
+        py_enc_into,
+        "(Encoder.encode_into, reused bytearray)",
+    );
+    row(
+        "decode to a new struct (decode)",
+        rs_dec,
+        py_dec,
+        "(Decoder(ForwardPassMetrics).decode; target >= 5x)",
+    );
+    row(
+        "decode into a reused struct",
+        rs_dec_into,
+        py_dec,
+        "(decode_into; msgspec has no counterpart)",
+    );
 }
 
 fn main() {

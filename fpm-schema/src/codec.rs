@@ -178,8 +178,17 @@ impl Decoder {
     /// # Errors
     /// A [`DecodeError`] naming the field and the reason.
     pub fn decode(&self, bytes: &[u8]) -> Result<ForwardPassMetrics, DecodeError> {
+        self.check_size(bytes)?;
         let mut m = ForwardPassMetrics::default();
-        self.decode_into(bytes, &mut m)?;
+        if let Some(at) = decode_canonical(bytes, &mut m) {
+            check_version(m.version)?;
+            if let Ok(worker_id) = std::str::from_utf8(&bytes[at]) {
+                // One exact-size allocation, the only one of the whole decode.
+                m.worker_id = String::from(worker_id);
+                return Ok(m);
+            }
+        }
+        decode_general(bytes, &mut m)?;
         Ok(m)
     }
 
@@ -194,42 +203,14 @@ impl Decoder {
         out: &mut ForwardPassMetrics,
     ) -> Result<(), DecodeError> {
         self.check_size(bytes)?;
-        if decode_canonical(bytes, out).is_some() {
-            return check_version(out.version);
-        }
-        let mut r = Reader::new(bytes);
-        out.version = FPM_VERSION;
-        out.worker_id.clear();
-        out.dp_rank = 0;
-        out.counter_id = 0;
-        out.wall_time = 0.0;
-        out.scheduled_requests = ScheduledRequestMetrics::default();
-        out.queued_requests = QueuedRequestMetrics::default();
-        let n = r.read_map_len(ROOT)?;
-        let mut next = 0;
-        for _ in 0..n {
-            let Some(field) = top_field(&mut r, next)? else {
-                continue;
-            };
-            match field {
-                0 => out.version = r.read_i64("version")?,
-                1 => {
-                    let s = r.read_str("worker_id")?;
-                    out.worker_id.clear();
-                    out.worker_id.push_str(s);
-                }
-                2 => out.dp_rank = r.read_i64("dp_rank")?,
-                3 => out.counter_id = r.read_i64("counter_id")?,
-                4 => out.wall_time = r.read_f64("wall_time")?,
-                5 => out.scheduled_requests = decode_scheduled(&mut r)?,
-                _ => out.queued_requests = decode_queued(&mut r)?,
+        if let Some(at) = decode_canonical(bytes, out) {
+            if let Ok(worker_id) = std::str::from_utf8(&bytes[at.clone()]) {
+                out.worker_id.clear();
+                out.worker_id.push_str(worker_id);
+                return check_version(out.version);
             }
-            next = field + 1;
         }
-        if !r.is_empty() {
-            return Err(DecodeError::TrailingBytes { offset: r.pos() });
-        }
-        check_version(out.version)
+        decode_general(bytes, out)
     }
 
     /// Reads `(worker_id, dp_rank, counter_id, version)` without decoding the rest: other
@@ -276,6 +257,44 @@ impl Decoder {
     }
 }
 
+/// The general decoder: any key order, unknown keys skipped, missing keys defaulted, every
+/// error reported precisely.
+fn decode_general(bytes: &[u8], out: &mut ForwardPassMetrics) -> Result<(), DecodeError> {
+    let mut r = Reader::new(bytes);
+    out.version = FPM_VERSION;
+    out.worker_id.clear();
+    out.dp_rank = 0;
+    out.counter_id = 0;
+    out.wall_time = 0.0;
+    out.scheduled_requests = ScheduledRequestMetrics::default();
+    out.queued_requests = QueuedRequestMetrics::default();
+    let n = r.read_map_len(ROOT)?;
+    let mut next = 0;
+    for _ in 0..n {
+        let Some(field) = top_field(&mut r, next)? else {
+            continue;
+        };
+        match field {
+            0 => out.version = r.read_i64("version")?,
+            1 => {
+                let s = r.read_str("worker_id")?;
+                out.worker_id.clear();
+                out.worker_id.push_str(s);
+            }
+            2 => out.dp_rank = r.read_i64("dp_rank")?,
+            3 => out.counter_id = r.read_i64("counter_id")?,
+            4 => out.wall_time = r.read_f64("wall_time")?,
+            5 => out.scheduled_requests = decode_scheduled(&mut r)?,
+            _ => out.queued_requests = decode_queued(&mut r)?,
+        }
+        next = field + 1;
+    }
+    if !r.is_empty() {
+        return Err(DecodeError::TrailingBytes { offset: r.pos() });
+    }
+    check_version(out.version)
+}
+
 fn check_version(version: i64) -> Result<(), DecodeError> {
     if version == FPM_VERSION {
         Ok(())
@@ -285,18 +304,22 @@ fn check_version(version: i64) -> Result<(), DecodeError> {
 }
 
 /// The fast path: the exact layout msgspec writes (all keys, in declaration order, fixstr
-/// keys, nothing else), read straight through. Returns `None` at the first difference (an
+/// keys, nothing else), read straight through. Fills every field of `out` but the worker id,
+/// whose position it returns, not yet checked as UTF-8 (the caller checks it once, and falls
+/// back to the general decoder, which names the field, if it is not). Returns `None`, `out` untouched, at the first difference (an
 /// extra or missing key, another order, a bad value); the caller then runs the general
 /// decoder from the start, which accepts every valid layout and reports errors precisely.
 #[inline(always)]
-fn decode_canonical(bytes: &[u8], out: &mut ForwardPassMetrics) -> Option<()> {
+fn decode_canonical(bytes: &[u8], out: &mut ForwardPassMetrics) -> Option<std::ops::Range<usize>> {
     let mut r = Reader::new(bytes);
     if !r.eat(&[0x87]) || !r.eat(key!("version")) {
         return None;
     }
-    out.version = r.read_i64("").ok()?;
+    let version = r.read_i64("").ok()?;
     r.eat(key!("worker_id")).then_some(())?;
-    let worker_id = r.read_str("").ok()?;
+    let worker_id = r.read_str_bytes("").ok()?;
+    let worker_id_end = r.pos();
+    let worker_id = worker_id_end - worker_id.len()..worker_id_end;
     r.eat(key!("dp_rank")).then_some(())?;
     let dp_rank = r.read_i64("").ok()?;
     r.eat(key!("counter_id")).then_some(())?;
@@ -336,8 +359,7 @@ fn decode_canonical(bytes: &[u8], out: &mut ForwardPassMetrics) -> Option<()> {
     if !r.is_empty() {
         return None;
     }
-    out.worker_id.clear();
-    out.worker_id.push_str(worker_id);
+    out.version = version;
     out.dp_rank = dp_rank;
     out.counter_id = counter_id;
     out.wall_time = wall_time;
@@ -358,7 +380,7 @@ fn decode_canonical(bytes: &[u8], out: &mut ForwardPassMetrics) -> Option<()> {
         sum_decode_kv_tokens: q_sdkv,
         var_decode_kv_tokens: q_vdkv,
     };
-    Some(())
+    Some(worker_id)
 }
 
 /// Reads the next key of the top-level map and returns the field's index in declaration

@@ -36,7 +36,9 @@ mod subject;
 pub use codec::{
     decode, encode, encode_into, peek_key, Decoder, FpmKey, DEFAULT_MAX_SIZE, ENCODED_DEFAULT_LEN,
 };
-pub use envelope::{Envelope, ENVELOPE_OVERHEAD, FPM_TOPIC};
+pub use envelope::{
+    envelope_overhead, Envelope, ENVELOPE_OVERHEAD, FPM_TOPIC, MAX_ENVELOPE_OVERHEAD, MAX_TOPIC_LEN,
+};
 pub use error::{DecodeError, NameError};
 pub use metrics::{
     ForwardPassMetrics, QueuedRequestMetrics, QueuedRequestsBuilder, ScheduledRequestMetrics,

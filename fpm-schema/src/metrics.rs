@@ -14,13 +14,16 @@ pub const FPM_VERSION: i64 = 1;
 #[serde(default)]
 pub struct ForwardPassMetrics {
     /// Schema version; consumers reject anything but [`FPM_VERSION`].
+    #[serde(deserialize_with = "json_i64::deserialize")]
     pub version: i64,
     /// The engine's identity (Dynamo's runtime connection id, as a string).
     pub worker_id: String,
     /// Data-parallel rank; each rank has its own scheduler and its own socket.
+    #[serde(deserialize_with = "json_i64::deserialize")]
     pub dp_rank: i64,
     /// Sequence number per `(worker_id, dp_rank)`, stamped by the publisher, so consumers can
     /// see gaps.
+    #[serde(deserialize_with = "json_i64::deserialize")]
     pub counter_id: i64,
     /// The iteration's duration in seconds; `0.0` on an idle heartbeat.
     #[serde(with = "json_f64")]
@@ -66,17 +69,22 @@ impl ForwardPassMetrics {
 #[serde(default)]
 pub struct ScheduledRequestMetrics {
     /// Prefill requests (new requests and chunked-prefill continuations).
+    #[serde(deserialize_with = "json_i64::deserialize")]
     pub num_prefill_requests: i64,
     /// Tokens freshly computed for prefill this iteration (the chunk, for chunked prefill).
+    #[serde(deserialize_with = "json_i64::deserialize")]
     pub sum_prefill_tokens: i64,
     /// Population variance of the full prompt lengths (not chunk sizes) of prefill requests.
     #[serde(with = "json_f64")]
     pub var_prefill_length: f64,
     /// KV tokens read but not computed for prefill: prefix-cache hits and earlier chunks.
+    #[serde(deserialize_with = "json_i64::deserialize")]
     pub sum_prefill_kv_tokens: i64,
     /// Decode requests (each generating one token).
+    #[serde(deserialize_with = "json_i64::deserialize")]
     pub num_decode_requests: i64,
     /// Sum of KV context lengths of decode requests.
+    #[serde(deserialize_with = "json_i64::deserialize")]
     pub sum_decode_kv_tokens: i64,
     /// Population variance of KV context lengths of decode requests.
     #[serde(with = "json_f64")]
@@ -89,15 +97,19 @@ pub struct ScheduledRequestMetrics {
 #[serde(default)]
 pub struct QueuedRequestMetrics {
     /// Waiting (never scheduled) requests.
+    #[serde(deserialize_with = "json_i64::deserialize")]
     pub num_prefill_requests: i64,
     /// Sum of prompt lengths of waiting requests.
+    #[serde(deserialize_with = "json_i64::deserialize")]
     pub sum_prefill_tokens: i64,
     /// Population variance of prompt lengths of waiting requests.
     #[serde(with = "json_f64")]
     pub var_prefill_length: f64,
     /// Preempted requests (were decoding, evicted back to the queue).
+    #[serde(deserialize_with = "json_i64::deserialize")]
     pub num_decode_requests: i64,
     /// Sum of KV context lengths of preempted requests.
+    #[serde(deserialize_with = "json_i64::deserialize")]
     pub sum_decode_kv_tokens: i64,
     /// Population variance of KV context lengths of preempted requests.
     #[serde(with = "json_f64")]
@@ -105,7 +117,10 @@ pub struct QueuedRequestMetrics {
 }
 
 /// Welford's online count / sum / population variance, bit-for-bit the same arithmetic as the
-/// `WelfordAccumulator` in Dynamo and SGLang (so variances agree with theirs exactly).
+/// `WelfordAccumulator` in Dynamo and SGLang (so variances agree with theirs exactly: the
+/// contract tests compare the bits with both Python implementations on random inputs,
+/// including values beyond 2^53 and negative ones). The one difference: the sum saturates at
+/// the i64 limits where Python's int keeps growing.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Welford {
     n: i64,
@@ -261,9 +276,12 @@ impl QueuedRequestsBuilder {
     }
 }
 
-/// JSON form of floats: finite values as numbers; NaN and infinities as the strings `"NaN"`,
-/// `"Infinity"`, `"-Infinity"` (plain JSON has no way to write them), so that
-/// `fpm decode | fpm encode` is lossless.
+/// JSON form of floats, lossless for every f64 bit pattern: finite values as numbers (the
+/// shortest text that parses back to the same bits; read with serde_json's `float_roundtrip`
+/// feature, so parsing is exact); the infinities as the strings `"Infinity"` and `"-Infinity"`;
+/// the NaN Python and Rust produce (`0x7ff8000000000000`) as `"NaN"`; any other NaN (another
+/// sign or payload, which msgpack carries and JSON cannot write) as `"f64:<16 hex digits>"`,
+/// the exact bits, the notation of the contract test vectors.
 mod json_f64 {
     use serde::de::{self, Visitor};
     use serde::{Deserializer, Serializer};
@@ -271,7 +289,11 @@ mod json_f64 {
 
     pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
         if v.is_nan() {
-            s.serialize_str("NaN")
+            if v.to_bits() == f64::NAN.to_bits() {
+                s.serialize_str("NaN")
+            } else {
+                s.serialize_str(&format!("f64:{:016x}", v.to_bits()))
+            }
         } else if *v == f64::INFINITY {
             s.serialize_str("Infinity")
         } else if *v == f64::NEG_INFINITY {
@@ -286,7 +308,9 @@ mod json_f64 {
         impl Visitor<'_> for F {
             type Value = f64;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a number, or \"NaN\", \"Infinity\", \"-Infinity\"")
+                f.write_str(
+                    "a number, or \"NaN\", \"Infinity\", \"-Infinity\", \"f64:<16 hex digits>\"",
+                )
             }
             fn visit_f64<E>(self, v: f64) -> Result<f64, E> {
                 Ok(v)
@@ -302,11 +326,57 @@ mod json_f64 {
                     "NaN" | "nan" => Ok(f64::NAN),
                     "Infinity" | "inf" | "+Infinity" => Ok(f64::INFINITY),
                     "-Infinity" | "-inf" => Ok(f64::NEG_INFINITY),
-                    _ => Err(E::invalid_value(de::Unexpected::Str(v), &self)),
+                    _ => v
+                        .strip_prefix("f64:")
+                        .filter(|h| h.len() == 16)
+                        .and_then(|h| u64::from_str_radix(h, 16).ok())
+                        .map(f64::from_bits)
+                        .ok_or_else(|| E::invalid_value(de::Unexpected::Str(v), &self)),
                 }
             }
         }
         d.deserialize_any(F)
+    }
+}
+
+/// JSON form of ints: an `i64`. A whole number outside the i64 range is reported as such
+/// (serde_json reads an integer too large for `u64` as a float, which would otherwise be
+/// reported as "floating point `1e+20`"); a number with a fraction is a wrong type.
+mod json_i64 {
+    use serde::de::{self, Visitor};
+    use serde::Deserializer;
+    use std::fmt;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+        struct I;
+        impl Visitor<'_> for I {
+            type Value = i64;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("i64")
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<i64, E> {
+                Ok(v)
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<i64, E> {
+                i64::try_from(v)
+                    .map_err(|_| E::custom(format_args!("integer {v} is outside the i64 range")))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<i64, E> {
+                // Only integers beyond u64 reach here as whole numbers that are out of range;
+                // serde_json keeps the rest as i64/u64.
+                if v.is_finite()
+                    && v.fract() == 0.0
+                    && !(-9.223_372_036_854_776e18..9.223_372_036_854_776e18).contains(&v)
+                {
+                    Err(E::custom(format_args!(
+                        "integer {v:e} is outside the i64 range"
+                    )))
+                } else {
+                    Err(E::invalid_type(de::Unexpected::Float(v), &self))
+                }
+            }
+        }
+        d.deserialize_any(I)
     }
 }
 

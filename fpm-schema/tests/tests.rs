@@ -1,8 +1,9 @@
 //! Property tests: round trips for arbitrary messages, and no panic on arbitrary input.
 
 use fpm_schema::{
-    decode, encode, encode_into, fuzz_all_decoders, peek_key, Envelope, ForwardPassMetrics,
-    QueuedRequestMetrics, ScheduledRequestMetrics, FPM_TOPIC,
+    decode, encode, encode_into, envelope_overhead, fuzz_all_decoders, peek_key, Envelope,
+    ForwardPassMetrics, QueuedRequestMetrics, ScheduledRequestMetrics, DEFAULT_MAX_SIZE, FPM_TOPIC,
+    MAX_TOPIC_LEN,
 };
 use proptest::prelude::*;
 
@@ -57,6 +58,119 @@ prop_compose! {
             version: 1, worker_id, dp_rank, counter_id, wall_time,
             scheduled_requests: s, queued_requests: q,
         }
+    }
+}
+
+/// Every class of f64 bit pattern: any bits, normals, subnormals, zeros, the extremes, NaNs
+/// with any sign and payload, and the infinities.
+fn f64_bit_patterns() -> impl Strategy<Value = f64> {
+    let sign = any::<bool>().prop_map(|s| (s as u64) << 63);
+    let mantissa = 0u64..(1 << 52);
+    prop_oneof![
+        any::<u64>().prop_map(f64::from_bits),
+        (sign.clone(), 1u64..2047, mantissa.clone())
+            .prop_map(|(s, e, m)| f64::from_bits(s | e << 52 | m)),
+        (sign.clone(), 1u64..(1 << 52)).prop_map(|(s, m)| f64::from_bits(s | m)),
+        (sign, 1u64..(1 << 52)).prop_map(|(s, m)| f64::from_bits(s | 0x7ff << 52 | m)),
+        prop::sample::select(vec![
+            0.0,
+            -0.0,
+            f64::MAX,
+            f64::MIN,
+            f64::MIN_POSITIVE,
+            -f64::MIN_POSITIVE,
+            5e-324,
+            -5e-324,
+            f64::from_bits(0x000f_ffff_ffff_ffff),
+            f64::NAN,
+            -f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::EPSILON,
+            9007199254740993.0,
+            945193719.3038037,
+            0.1,
+        ]),
+    ]
+}
+
+fn float_fields(m: &ForwardPassMetrics) -> [u64; 5] {
+    [
+        m.wall_time.to_bits(),
+        m.scheduled_requests.var_prefill_length.to_bits(),
+        m.scheduled_requests.var_decode_kv_tokens.to_bits(),
+        m.queued_requests.var_prefill_length.to_bits(),
+        m.queued_requests.var_decode_kv_tokens.to_bits(),
+    ]
+}
+
+proptest! {
+    // 20,000 messages x 5 float fields = 100,000 bit patterns.
+    #![proptest_config(ProptestConfig::with_cases(20_000))]
+
+    /// The JSON form (`fpm decode` / `fpm encode`) keeps every float bit for bit: finite
+    /// values as shortest round-trip numbers, the rest as strings.
+    #[test]
+    fn json_floats_round_trip_bit_exact(w in f64_bit_patterns(), a in f64_bit_patterns(),
+                                        b in f64_bit_patterns(), c in f64_bit_patterns(),
+                                        d in f64_bit_patterns()) {
+        let m = ForwardPassMetrics {
+            wall_time: w,
+            scheduled_requests: ScheduledRequestMetrics {
+                var_prefill_length: a, var_decode_kv_tokens: b, ..Default::default()
+            },
+            queued_requests: QueuedRequestMetrics {
+                var_prefill_length: c, var_decode_kv_tokens: d, ..Default::default()
+            },
+            ..Default::default()
+        };
+        let text = serde_json::to_string(&m).unwrap();
+        let back: ForwardPassMetrics = serde_json::from_str(&text).unwrap();
+        prop_assert_eq!(float_fields(&back), float_fields(&m), "{}", text);
+        let pretty: ForwardPassMetrics =
+            serde_json::from_slice(serde_json::to_string_pretty(&m).unwrap().as_bytes()).unwrap();
+        prop_assert_eq!(float_fields(&pretty), float_fields(&m));
+    }
+}
+
+/// Integers biased to the msgpack form boundaries, where the envelope grows.
+fn any_u64() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        any::<u64>(),
+        prop::sample::select(vec![
+            0,
+            127,
+            128,
+            255,
+            256,
+            65_535,
+            65_536,
+            u32::MAX as u64,
+            1 << 32,
+            u64::MAX
+        ]),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// Every envelope of a payload up to the default limit and a topic up to the longest
+    /// allowed decodes with the default decoder, and never exceeds the derived bound.
+    #[test]
+    fn envelope_within_limits_always_decodes(
+        payload_len in prop_oneof![0..=DEFAULT_MAX_SIZE, (DEFAULT_MAX_SIZE - 300)..=DEFAULT_MAX_SIZE,
+                                   Just(255usize), Just(256usize), Just(65_535usize)],
+        topic in prop_oneof![Just(FPM_TOPIC.to_owned()), "[a-z-]{0,255}", "\\PC{0,63}"],
+        pid in any_u64(), seq in any_u64(), at in any_u64(),
+    ) {
+        prop_assume!(topic.len() <= MAX_TOPIC_LEN);
+        let payload = vec![0x5a; payload_len];
+        let env = Envelope { publisher_id: pid, sequence: seq, published_at: at,
+                             topic: &topic, payload: &payload };
+        let bytes = env.encode();
+        prop_assert!(bytes.len() <= payload_len + envelope_overhead(topic.len()));
+        prop_assert_eq!(Envelope::decode(&bytes), Ok(env));
     }
 }
 

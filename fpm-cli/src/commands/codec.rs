@@ -4,9 +4,12 @@ use std::fs;
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
-use fpm_schema::{Decoder, Envelope, ForwardPassMetrics, DEFAULT_MAX_SIZE, FPM_TOPIC};
+use fpm_schema::{
+    Decoder, Envelope, ForwardPassMetrics, DEFAULT_MAX_SIZE, FPM_TOPIC, FPM_VERSION,
+    MAX_ENVELOPE_OVERHEAD, SCHEMA,
+};
 use serde::Serialize;
 
 /// JSON form of an envelope, keys in wire order.
@@ -73,6 +76,11 @@ pub struct EncodeArgs {
     /// Envelope timestamp, Unix milliseconds (with --envelope-publisher-id; default: now).
     #[arg(long, requires = "envelope_publisher_id")]
     pub envelope_published_at: Option<u64>,
+    /// Ignore unknown keys (msgspec's decoding rule) and write any `version`. By default an
+    /// unknown key (a misspelling would otherwise silently leave a field at its default) and
+    /// a version other than 1 (which every decoder rejects) are errors.
+    #[arg(long)]
+    pub lenient: bool,
 }
 
 fn read_input(path: &Option<PathBuf>) -> Result<Vec<u8>> {
@@ -115,19 +123,44 @@ fn to_hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// `{` or `[` first: JSON, which can never be a msgpack FPM payload or envelope (those bytes
+/// are fixints there, and both must start with a map).
+fn looks_like_json(bytes: &[u8]) -> bool {
+    matches!(
+        bytes.iter().find(|b| !b.is_ascii_whitespace()),
+        Some(b'{' | b'[')
+    )
+}
+
+const JSON_GIVEN_TO_DECODE: &str =
+    "the input is JSON, not msgpack: `fpm decode` reads msgpack (to turn JSON into msgpack, use `fpm encode`)";
+
 /// Runs `fpm decode`.
 ///
 /// # Errors
 /// Unreadable input or a payload that does not decode (the error names the field).
 pub fn decode(args: DecodeArgs) -> Result<()> {
     let raw = read_input(&args.input)?;
-    let bytes = if args.hex { from_hex(&raw)? } else { raw };
+    let bytes = if args.hex {
+        match from_hex(&raw) {
+            Ok(b) => b,
+            Err(_) if looks_like_json(&raw) => bail!(JSON_GIVEN_TO_DECODE),
+            Err(e) => return Err(e),
+        }
+    } else {
+        raw
+    };
     let decoder = Decoder::new().with_max_size(args.max_size);
+    let envelope_limit = args.max_size.saturating_add(MAX_ENVELOPE_OVERHEAD);
     let envelope = if args.payload {
+        if Envelope::decode_with_limit(&bytes, envelope_limit).is_ok() {
+            bail!("the input is an event-plane envelope, not a bare FPM payload: drop --payload to decode the envelope and the payload inside it");
+        }
         None
     } else {
-        match Envelope::decode_with_limit(&bytes, args.max_size.saturating_add(256)) {
+        match Envelope::decode_with_limit(&bytes, envelope_limit) {
             Ok(env) => Some(env),
+            Err(_) if args.envelope && looks_like_json(&bytes) => bail!(JSON_GIVEN_TO_DECODE),
             Err(e) if args.envelope => return Err(e).context("invalid envelope"),
             Err(_) => None,
         }
@@ -148,14 +181,74 @@ pub fn decode(args: DecodeArgs) -> Result<()> {
                 args.compact,
             )?
         }
-        None => to_json(
-            &decoder.decode(&bytes).context("invalid FPM payload")?,
-            args.compact,
-        )?,
+        None => match decoder.decode(&bytes) {
+            Ok(m) => to_json(&m, args.compact)?,
+            Err(_) if looks_like_json(&bytes) => bail!(JSON_GIVEN_TO_DECODE),
+            Err(e) => return Err(e).context("invalid FPM payload"),
+        },
     };
     let mut out = io::stdout().lock();
     writeln!(out, "{text}").context("cannot write to standard output")?;
     Ok(())
+}
+
+/// The fields of the struct at `path` (`""` for the top level, `"scheduled_requests"`), from
+/// the schema table, for the unknown-key message.
+fn fields_at(path: &str) -> Vec<&'static str> {
+    let struct_name = if path.is_empty() {
+        Some("ForwardPassMetrics")
+    } else {
+        SCHEMA[0]
+            .1
+            .iter()
+            .find(|(f, _)| *f == path)
+            .map(|(_, ty)| *ty)
+    };
+    SCHEMA
+        .iter()
+        .find(|(name, _)| Some(*name) == struct_name)
+        .map(|(_, fields)| fields.iter().map(|(f, _)| *f).collect())
+        .unwrap_or_default()
+}
+
+/// Parses the JSON form of a message: unknown keys and a version other than 1 are errors
+/// unless `lenient`. Every error is one line naming the field.
+fn parse_json(raw: &[u8], lenient: bool) -> Result<ForwardPassMetrics> {
+    let mut de = serde_json::Deserializer::from_slice(raw);
+    let mut unknown: Option<String> = None;
+    let mut note_unknown = |path: serde_ignored::Path<'_>| {
+        unknown.get_or_insert_with(|| path.to_string());
+    };
+    let tracked = serde_ignored::Deserializer::new(&mut de, &mut note_unknown);
+    let m: ForwardPassMetrics = serde_path_to_error::deserialize(tracked).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." || path.is_empty() {
+            anyhow!("invalid JSON: {inner}")
+        } else {
+            anyhow!("invalid JSON: field `{path}`: {inner}")
+        }
+    })?;
+    // serde_json's own message already says "trailing characters at line L column C".
+    de.end().map_err(|e| anyhow!("invalid JSON: {e}"))?;
+    if lenient {
+        return Ok(m);
+    }
+    if let Some(path) = unknown {
+        let parent = path.rsplit_once('.').map_or("", |(p, _)| p);
+        let known: Vec<String> = fields_at(parent).iter().map(|f| format!("`{f}`")).collect();
+        bail!(
+            "invalid JSON: unknown field `{path}` (expected one of {}; --lenient ignores unknown fields)",
+            known.join(", ")
+        );
+    }
+    if m.version != FPM_VERSION {
+        bail!(
+            "invalid JSON: field `version`: unsupported version {} (decoders accept only {FPM_VERSION}; --lenient writes it anyway)",
+            m.version
+        );
+    }
+    Ok(m)
 }
 
 /// Runs `fpm encode`.
@@ -164,17 +257,7 @@ pub fn decode(args: DecodeArgs) -> Result<()> {
 /// Unreadable input or JSON that does not match the schema (the error names the field).
 pub fn encode(args: EncodeArgs) -> Result<()> {
     let raw = read_input(&args.input)?;
-    let mut de = serde_json::Deserializer::from_slice(&raw);
-    let m: ForwardPassMetrics = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        if path == "." || path.is_empty() {
-            anyhow::anyhow!("invalid JSON: {inner}")
-        } else {
-            anyhow::anyhow!("invalid JSON: field `{path}`: {inner}")
-        }
-    })?;
-    de.end().context("invalid JSON: trailing characters")?;
+    let m = parse_json(&raw, args.lenient)?;
     let payload = fpm_schema::encode(&m);
     let bytes = match args.envelope_publisher_id {
         Some(publisher_id) => {
