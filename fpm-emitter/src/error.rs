@@ -30,7 +30,7 @@ pub enum EmitterError {
     #[error("CUDA timing requested but unavailable: {0}")]
     CudaUnavailable(String),
     /// The background publisher thread could not be spawned.
-    #[error("cannot spawn the FPM publisher thread: {0}")]
+    #[error("cannot spawn the FPM publisher thread")]
     Spawn(#[from] std::io::Error),
 }
 
@@ -56,4 +56,40 @@ pub enum TimingError {
     /// A CUDA call failed (the code is the `CUresult`).
     #[error("CUDA call failed with code {0}")]
     Cuda(i32),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `main` prints errors as a chain (`{:#}`: each source after a colon): no cause may be
+    /// printed twice.
+    fn chain(e: &dyn std::error::Error) -> String {
+        let mut parts = vec![e.to_string()];
+        let mut cur = e.source();
+        while let Some(s) = cur {
+            parts.push(s.to_string());
+            cur = s.source();
+        }
+        parts.join(": ")
+    }
+
+    #[test]
+    fn causes_are_printed_once() {
+        let io = std::io::Error::from(std::io::ErrorKind::AddrInUse);
+        let cause = io.to_string();
+        let errors: Vec<EmitterError> = vec![
+            EmitterError::Spawn(io),
+            EmitterError::Bind {
+                endpoint: "ipc:///x".into(),
+                source: zmq::Error::EADDRINUSE,
+            },
+        ];
+        for e in &errors {
+            let text = chain(e);
+            for c in [cause.as_str(), &zmq::Error::EADDRINUSE.to_string()] {
+                assert!(text.matches(c).count() <= 1, "{text}");
+            }
+        }
+    }
 }

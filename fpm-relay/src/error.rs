@@ -33,8 +33,9 @@ pub enum Error {
     /// The same ZeroMQ endpoint was given twice.
     #[error("ZeroMQ endpoint {0:?} is given more than once")]
     DuplicateEndpoint(String),
-    /// ZeroMQ itself failed (context or socket creation).
-    #[error("ZeroMQ: {0}")]
+    /// ZeroMQ itself failed (context or socket creation). The cause is the source, so a
+    /// `{:#}` chain prints it once.
+    #[error("ZeroMQ failed")]
     Zmq(#[from] zmq::Error),
     /// A namespace, component or endpoint name cannot be used in a NATS subject.
     #[error(transparent)]
@@ -75,4 +76,26 @@ pub enum Error {
     /// The configuration is inconsistent.
     #[error("invalid configuration: {0}")]
     Config(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `main` prints errors as a chain (`{:#}`): the ZeroMQ cause appears once.
+    #[test]
+    fn zmq_cause_is_printed_once() {
+        let e = Error::from(zmq::Error::EADDRINUSE);
+        let mut text = e.to_string();
+        let mut cur = std::error::Error::source(&e);
+        while let Some(s) = cur {
+            text = format!("{text}: {s}");
+            cur = s.source();
+        }
+        assert_eq!(
+            text.matches(&zmq::Error::EADDRINUSE.to_string()).count(),
+            1,
+            "{text}"
+        );
+    }
 }
