@@ -42,6 +42,7 @@ mod error;
 mod http;
 mod ingest;
 mod metrics;
+pub mod nats;
 mod publish;
 mod relay;
 

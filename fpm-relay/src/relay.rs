@@ -4,19 +4,17 @@ use std::hash::{BuildHasher, Hasher};
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
-use async_nats::ServerAddr;
 use fpm_schema::{Decoder, FpmSubject};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
 use crate::buffer::Buffer;
-use crate::config::{NatsAuth, NatsConfig, RelayConfig};
+use crate::config::RelayConfig;
 use crate::ingest::ReaderState;
 use crate::metrics::{Metrics, Stats};
 use crate::publish::{Conn, Publisher};
@@ -60,171 +58,6 @@ pub struct Relay {
     subject: String,
     metrics_addr: Option<SocketAddr>,
     record: Option<PathBuf>,
-}
-
-fn parse_urls(url: &str) -> Result<Vec<ServerAddr>, Error> {
-    let addrs: Vec<ServerAddr> = url
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(|s| {
-            ServerAddr::from_str(s).map_err(|e| Error::NatsUrl {
-                url: url.to_owned(),
-                reason: e.to_string(),
-            })
-        })
-        .collect::<Result<_, _>>()?;
-    if addrs.is_empty() {
-        return Err(Error::NatsUrl {
-            url: url.to_owned(),
-            reason: "empty".into(),
-        });
-    }
-    Ok(addrs)
-}
-
-/// Fails when no server's host name resolves: the client would retry a name that does not
-/// exist forever. A server that resolves but is down is waited for.
-async fn check_resolvable(url: &str, servers: &[ServerAddr]) -> Result<(), Error> {
-    let mut why = Vec::new();
-    for s in servers {
-        let (host, port) = (s.host().to_owned(), s.port());
-        let lookup = tokio::net::lookup_host((host.clone(), port));
-        match tokio::time::timeout(Duration::from_secs(5), lookup).await {
-            Ok(Ok(addrs)) => {
-                if addrs.count() > 0 {
-                    return Ok(());
-                }
-                why.push(format!("host {host:?} has no address"));
-            }
-            Ok(Err(e)) => why.push(format!("host {host:?} cannot be resolved: {e}")),
-            Err(_) => why.push(format!("resolving host {host:?} timed out")),
-        }
-    }
-    Err(Error::NatsUrl {
-        url: url.to_owned(),
-        reason: why.join("; "),
-    })
-}
-
-/// At most one warning about failed NATS connection attempts per this long.
-const NATS_LOG_EVERY: Duration = Duration::from_secs(10);
-
-/// Logs failed connection attempts (server and cause) at WARN, at most every
-/// [`NATS_LOG_EVERY`]. Called by the client before each attempt, with each server's last error.
-fn log_failed_attempts(servers: &[async_nats::Server], last: &Mutex<Option<Instant>>) {
-    let failing: Vec<&async_nats::Server> = servers
-        .iter()
-        .filter(|s| s.failed_attempts > 0 && s.last_error.is_some())
-        .collect();
-    if failing.is_empty() {
-        return;
-    }
-    let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
-    let now = Instant::now();
-    if last.is_some_and(|t| now.duration_since(t) < NATS_LOG_EVERY) {
-        for s in failing {
-            debug!(server = %s.addr.as_url_str(), error = s.last_error.as_deref().unwrap_or(""), "NATS connection attempt failed");
-        }
-        return;
-    }
-    *last = Some(now);
-    for s in failing {
-        warn!(
-            server = %s.addr.as_url_str(),
-            error = s.last_error.as_deref().unwrap_or(""),
-            failed_attempts = s.failed_attempts,
-            "cannot connect to NATS; retrying (logged at most every 10 s)"
-        );
-    }
-}
-
-/// Checks that files exist, off the async runtime.
-async fn check_files(paths: Vec<PathBuf>) -> Result<(), Error> {
-    tokio::task::spawn_blocking(move || {
-        for p in paths {
-            if !p.is_file() {
-                return Err(Error::Credentials(format!(
-                    "TLS file {} does not exist: check --nats-tls-ca / --nats-tls-cert / --nats-tls-key",
-                    p.display()
-                )));
-            }
-        }
-        Ok(())
-    })
-    .await
-    .map_err(|e| Error::Config(format!("file check task failed: {e}")))?
-}
-
-async fn connect_options(
-    cfg: &NatsConfig,
-    metrics: &Arc<Metrics>,
-    conn: &Arc<Conn>,
-) -> Result<async_nats::ConnectOptions, Error> {
-    let mut o = async_nats::ConnectOptions::new();
-    o = match &cfg.auth {
-        NatsAuth::None => o,
-        NatsAuth::UserPassword { user, password } => {
-            o.user_and_password(user.clone(), password.clone())
-        }
-        NatsAuth::Token(t) => o.token(t.clone()),
-        NatsAuth::CredsFile(p) => o.credentials_file(p).await.map_err(|e| {
-            Error::Credentials(format!(
-                "cannot read the creds file {} ({e}): check --nats-creds",
-                p.display()
-            ))
-        })?,
-        NatsAuth::NkeySeed(seed) => {
-            if let Err(e) = nkeys::KeyPair::from_seed(seed) {
-                return Err(Error::Credentials(format!(
-                    "the nkey seed is not valid ({e}): check --nats-nkey (a user seed is 'SU...', 58 characters)"
-                )));
-            }
-            o.nkey(seed.clone())
-        }
-    };
-    check_files(
-        cfg.tls_ca
-            .iter()
-            .chain(cfg.tls_client.iter().flat_map(|(c, k)| [c, k]))
-            .cloned()
-            .collect(),
-    )
-    .await?;
-    if let Some(ca) = &cfg.tls_ca {
-        o = o.add_root_certificates(ca.clone()).require_tls(true);
-    }
-    if let Some((cert, key)) = &cfg.tls_client {
-        o = o
-            .add_client_certificate(cert.clone(), key.clone())
-            .require_tls(true);
-    }
-    if cfg.require_tls {
-        o = o.require_tls(true);
-    }
-    let max = cfg.reconnect_delay_max;
-    let (m, c) = (metrics.clone(), conn.clone());
-    let last_log = Arc::new(Mutex::new(None));
-    Ok(o.name(&cfg.name)
-        .retry_on_initial_connect()
-        .max_reconnects(None)
-        .connection_timeout(Duration::from_secs(5))
-        .reconnect_delay_callback(move |attempts| {
-            if attempts <= 1 {
-                Duration::ZERO
-            } else {
-                let exp = u32::try_from(attempts - 2).unwrap_or(u32::MAX).min(16);
-                (Duration::from_millis(50) * 2u32.pow(exp)).min(max)
-            }
-        })
-        .reconnect_to_server_callback(move |servers, _info| {
-            log_failed_attempts(&servers, &last_log);
-            std::future::ready(None)
-        })
-        .event_callback(move |event| {
-            c.on_event(&m, &event);
-            async {}
-        }))
 }
 
 /// The text of a panic payload.
@@ -275,18 +108,21 @@ impl Relay {
             &config.component,
             &config.endpoint,
         )?;
-        let servers = parse_urls(&config.nats.url)?;
         let eps = config.zmq_endpoints.clone();
         tokio::task::spawn_blocking(move || ingest::check_endpoints(&eps))
             .await
             .map_err(|e| Error::Config(format!("endpoint check task failed: {e}")))??;
-        check_resolvable(&config.nats.url, &servers).await?;
+        let (servers, options) = crate::nats::prepare(&config.nats).await?;
         let metrics = Arc::new(Metrics::with_inputs(
             &config.zmq_endpoints,
             config.max_label_sets,
         ));
         let conn = Arc::new(Conn::default());
-        let options = connect_options(&config.nats, &metrics, &conn).await?;
+        let (m, c) = (metrics.clone(), conn.clone());
+        let options = options.event_callback(move |event| {
+            c.on_event(&m, &event);
+            async {}
+        });
 
         let listener = match config.metrics_addr {
             Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|error| {

@@ -5,9 +5,12 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 pub mod codec;
+mod nats_args;
 pub mod plot;
 pub mod relay;
 pub mod sim;
+
+pub use nats_args::NatsArgs;
 
 /// Parses `30s`, `2m`, `500ms`, `1h` or plain seconds (for `--duration`-style flags).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {

@@ -1,0 +1,185 @@
+//! Connecting to NATS the same way in every fpm process (the relay, `fpm record`, `fpm watch`):
+//! checks that fail fast at start-up, auth and TLS, retry forever with back-off, and failed
+//! attempts logged with the server and the cause.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::{ConnectOptions, ServerAddr};
+use tracing::{debug, warn};
+
+use crate::config::{NatsAuth, NatsConfig};
+use crate::Error;
+
+fn parse_urls(url: &str) -> Result<Vec<ServerAddr>, Error> {
+    let addrs: Vec<ServerAddr> = url
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            ServerAddr::from_str(s).map_err(|e| Error::NatsUrl {
+                url: url.to_owned(),
+                reason: e.to_string(),
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    if addrs.is_empty() {
+        return Err(Error::NatsUrl {
+            url: url.to_owned(),
+            reason: "empty".into(),
+        });
+    }
+    Ok(addrs)
+}
+
+/// Fails when no server's host name resolves: the client would retry a name that does not
+/// exist forever. A server that resolves but is down is waited for.
+async fn check_resolvable(url: &str, servers: &[ServerAddr]) -> Result<(), Error> {
+    let mut why = Vec::new();
+    for s in servers {
+        let (host, port) = (s.host().to_owned(), s.port());
+        let lookup = tokio::net::lookup_host((host.clone(), port));
+        match tokio::time::timeout(Duration::from_secs(5), lookup).await {
+            Ok(Ok(addrs)) => {
+                if addrs.count() > 0 {
+                    return Ok(());
+                }
+                why.push(format!("host {host:?} has no address"));
+            }
+            Ok(Err(e)) => why.push(format!("host {host:?} cannot be resolved: {e}")),
+            Err(_) => why.push(format!("resolving host {host:?} timed out")),
+        }
+    }
+    Err(Error::NatsUrl {
+        url: url.to_owned(),
+        reason: why.join("; "),
+    })
+}
+
+/// At most one warning about failed NATS connection attempts per this long.
+const NATS_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Logs failed connection attempts (server and cause) at WARN, at most every
+/// [`NATS_LOG_EVERY`]. Called by the client before each attempt, with each server's last error.
+fn log_failed_attempts(servers: &[async_nats::Server], last: &Mutex<Option<Instant>>) {
+    let failing: Vec<&async_nats::Server> = servers
+        .iter()
+        .filter(|s| s.failed_attempts > 0 && s.last_error.is_some())
+        .collect();
+    if failing.is_empty() {
+        return;
+    }
+    let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+    let now = Instant::now();
+    if last.is_some_and(|t| now.duration_since(t) < NATS_LOG_EVERY) {
+        for s in failing {
+            debug!(server = %s.addr.as_url_str(), error = s.last_error.as_deref().unwrap_or(""), "NATS connection attempt failed");
+        }
+        return;
+    }
+    *last = Some(now);
+    for s in failing {
+        warn!(
+            server = %s.addr.as_url_str(),
+            error = s.last_error.as_deref().unwrap_or(""),
+            failed_attempts = s.failed_attempts,
+            "cannot connect to NATS; retrying (logged at most every 10 s)"
+        );
+    }
+}
+
+/// Checks that files exist, off the async runtime.
+async fn check_files(paths: Vec<PathBuf>) -> Result<(), Error> {
+    tokio::task::spawn_blocking(move || {
+        for p in paths {
+            if !p.is_file() {
+                return Err(Error::Credentials(format!(
+                    "TLS file {} does not exist: check --nats-tls-ca / --nats-tls-cert / --nats-tls-key",
+                    p.display()
+                )));
+            }
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| Error::Config(format!("file check task failed: {e}")))?
+}
+
+/// Checks a NATS configuration and builds the connect options every fpm process uses:
+/// the URLs parse and at least one host resolves (a name that does not exist would be retried
+/// forever; a server that is merely down is waited for), credentials and TLS files are usable;
+/// auth, TLS, connection name, retry forever with back-off up to `reconnect_delay_max`, failed
+/// attempts logged at WARN (server and cause, at most every 10 s). Callers add their own
+/// `event_callback` and connect to the returned servers.
+///
+/// # Errors
+/// [`Error::NatsUrl`] or [`Error::Credentials`] naming the flag to fix.
+pub async fn prepare(cfg: &NatsConfig) -> Result<(Vec<ServerAddr>, ConnectOptions), Error> {
+    let servers = parse_urls(&cfg.url)?;
+    check_resolvable(&cfg.url, &servers).await?;
+    Ok((servers, connect_options(cfg).await?))
+}
+
+async fn connect_options(cfg: &NatsConfig) -> Result<ConnectOptions, Error> {
+    let mut o = ConnectOptions::new();
+    o = match &cfg.auth {
+        NatsAuth::None => o,
+        NatsAuth::UserPassword { user, password } => {
+            o.user_and_password(user.clone(), password.clone())
+        }
+        NatsAuth::Token(t) => o.token(t.clone()),
+        NatsAuth::CredsFile(p) => o.credentials_file(p).await.map_err(|e| {
+            Error::Credentials(format!(
+                "cannot read the creds file {} ({e}): check --nats-creds",
+                p.display()
+            ))
+        })?,
+        NatsAuth::NkeySeed(seed) => {
+            if let Err(e) = nkeys::KeyPair::from_seed(seed) {
+                return Err(Error::Credentials(format!(
+                    "the nkey seed is not valid ({e}): check --nats-nkey (a user seed is 'SU...', 58 characters)"
+                )));
+            }
+            o.nkey(seed.clone())
+        }
+    };
+    check_files(
+        cfg.tls_ca
+            .iter()
+            .chain(cfg.tls_client.iter().flat_map(|(c, k)| [c, k]))
+            .cloned()
+            .collect(),
+    )
+    .await?;
+    if let Some(ca) = &cfg.tls_ca {
+        o = o.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    if let Some((cert, key)) = &cfg.tls_client {
+        o = o
+            .add_client_certificate(cert.clone(), key.clone())
+            .require_tls(true);
+    }
+    if cfg.require_tls {
+        o = o.require_tls(true);
+    }
+    let max = cfg.reconnect_delay_max;
+    let last_log = Arc::new(Mutex::new(None));
+    Ok(o.name(&cfg.name)
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(5))
+        .reconnect_delay_callback(move |attempts| {
+            if attempts <= 1 {
+                Duration::ZERO
+            } else {
+                let exp = u32::try_from(attempts - 2).unwrap_or(u32::MAX).min(16);
+                (Duration::from_millis(50) * 2u32.pow(exp)).min(max)
+            }
+        })
+        .reconnect_to_server_callback(move |servers, _info| {
+            log_failed_attempts(&servers, &last_log);
+            std::future::ready(None)
+        }))
+}
