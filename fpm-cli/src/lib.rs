@@ -35,6 +35,10 @@ pub enum Command {
     Relay(Box<commands::relay::RelayArgs>),
     /// Run a synthetic LLM engine (per dp rank) that publishes real FPM over ZeroMQ.
     Sim(Box<commands::sim::SimArgs>),
+    /// Watch every engine stream live: rates, wall_time, batch, queue, loss; Prometheus metrics.
+    Watch(Box<commands::watch::WatchArgs>),
+    /// Record FPM events from NATS to a JSON Lines file (for `fpm plot`, `fpm fit`, replay).
+    Record(Box<commands::record::RecordArgs>),
     /// Draw a recording's per-stream time series (wall_time, batch and queue) as a PNG.
     Plot(commands::plot::PlotArgs),
 }
@@ -121,5 +125,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sim(args) => commands::sim::run(*args),
         Command::Relay(args) => commands::relay::relay(*args),
         Command::Plot(args) => commands::plot::run(args),
+        Command::Record(args) => commands::record::run(*args),
+        Command::Watch(args) => commands::watch::run(*args),
     }
 }

@@ -1,5 +1,6 @@
 //! A minimal HTTP/1.1 responder for `/metrics`, `/health` and `/live` (GET only, one request
-//! per connection). Small on purpose: three fixed routes do not need a web framework.
+//! per connection), shared by the relay and `fpm watch`. Small on purpose: three fixed routes
+//! do not need a web framework.
 //!
 //! At most [`Limits::max_connections`] connections are served at once; more are answered
 //! `503` at once and closed, and counted (`fpm_relay_http_rejected_connections_total`). A
@@ -23,7 +24,17 @@ const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/pla
 /// How long writing a response may take.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// What `/health` looks at.
+/// What a process serves: its metrics text and its health.
+pub trait Status: Send + Sync + 'static {
+    /// The OpenMetrics text for `/metrics`.
+    fn metrics(&self) -> String;
+    /// `(healthy, text)` for `/health` (503 when not healthy).
+    fn health(&self) -> (bool, String);
+    /// Called for each connection refused because all slots were busy (count it).
+    fn rejected(&self);
+}
+
+/// What the relay's `/health` looks at.
 #[derive(Debug, Clone)]
 pub(crate) struct Health {
     pub metrics: Arc<Metrics>,
@@ -52,16 +63,40 @@ impl Health {
     }
 }
 
+impl Status for Health {
+    fn metrics(&self) -> String {
+        self.metrics.encode()
+    }
+    fn health(&self) -> (bool, String) {
+        self.report()
+    }
+    fn rejected(&self) {
+        self.metrics.http_rejected.inc();
+    }
+}
+
 /// Connection limits.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Limits {
+pub struct Limits {
+    /// Connections served at once; more are answered 503 and closed.
     pub max_connections: usize,
+    /// How long a client may take to send its request.
     pub read_timeout: Duration,
 }
 
-pub(crate) async fn serve(
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 64,
+            read_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Serves `/metrics`, `/health` and `/live` on `listener` until `cancel` fires.
+pub async fn serve<S: Status>(
     listener: TcpListener,
-    health: Health,
+    health: Arc<S>,
     limits: Limits,
     cancel: CancellationToken,
 ) {
@@ -80,7 +115,7 @@ pub(crate) async fn serve(
             },
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
-            health.metrics.http_rejected.inc();
+            health.rejected();
             // A fresh socket's send buffer takes this at once; never wait on it.
             let _ = stream.try_write(BUSY);
             drop(stream);
@@ -88,7 +123,7 @@ pub(crate) async fn serve(
         };
         let health = health.clone();
         tokio::spawn(async move {
-            let _ = respond(stream, &health, limits.read_timeout).await;
+            let _ = respond(stream, &*health, limits.read_timeout).await;
             drop(permit);
         });
     }
@@ -107,9 +142,9 @@ async fn read_head(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
     Ok(buf)
 }
 
-async fn respond(
+async fn respond<S: Status>(
     mut stream: TcpStream,
-    health: &Health,
+    health: &S,
     read_timeout: Duration,
 ) -> std::io::Result<()> {
     let Ok(buf) = tokio::time::timeout(read_timeout, read_head(&mut stream)).await else {
@@ -122,9 +157,9 @@ async fn respond(
     let method = parts.next().unwrap_or("");
     let path = parts.next().unwrap_or("").split('?').next().unwrap_or("");
     let (status, ctype, body) = match (method, path) {
-        ("GET" | "HEAD", "/metrics") => ("200 OK", OPENMETRICS, health.metrics.encode()),
+        ("GET" | "HEAD", "/metrics") => ("200 OK", OPENMETRICS, health.metrics()),
         ("GET" | "HEAD", "/live") => ("200 OK", "text/plain", "live\n".to_owned()),
-        ("GET" | "HEAD", "/health") => match health.report() {
+        ("GET" | "HEAD", "/health") => match health.health() {
             (true, text) => ("200 OK", "text/plain", text),
             (false, text) => ("503 Service Unavailable", "text/plain", text),
         },

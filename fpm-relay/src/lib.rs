@@ -39,7 +39,7 @@ mod buffer;
 mod config;
 mod discovery;
 mod error;
-mod http;
+pub mod http;
 mod ingest;
 mod metrics;
 pub mod nats;

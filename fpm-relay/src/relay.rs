@@ -220,7 +220,12 @@ impl Relay {
                 max_connections: config.http_max_connections,
                 read_timeout: config.http_read_timeout,
             };
-            tokio::spawn(http::serve(l, health, limits, http_cancel.clone()));
+            tokio::spawn(http::serve(
+                l,
+                Arc::new(health),
+                limits,
+                http_cancel.clone(),
+            ));
         }
         let refresh = record.clone().map(|(path, json)| {
             let cancel = shutdown.clone();

@@ -7,8 +7,11 @@ use anyhow::{Context, Result};
 pub mod codec;
 mod nats_args;
 pub mod plot;
+pub mod record;
 pub mod relay;
 pub mod sim;
+pub mod subscribe;
+pub mod watch;
 
 pub use nats_args::NatsArgs;
 
