@@ -16,7 +16,7 @@ cargo clippy --workspace --all-targets -- -D warnings
 cargo clippy -p fpm-emitter --all-targets --features cuda -- -D warnings
 
 echo "==> tests"
-export FPM_REQUIRE_PYTHON=1
+export FPM_REQUIRE_PYTHON=1 FPM_REQUIRE_PROMETHEUS=1
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast
 else

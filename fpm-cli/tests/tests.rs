@@ -1061,3 +1061,300 @@ mod relay_trust {
         assert_eq!(received, invalid + published(&text) + buffered, "{text}");
     }
 }
+
+/// `fpm record` and `fpm watch` against a private nats-server, `fpm relay` and a real emitter.
+mod subscriber_cmds {
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use fpm_emitter::{ClockChoice, Emitter, EmitterConfig, Endpoint, StreamHandle};
+    use fpm_schema::{QueuedRequestMetrics, ScheduledRequestMetrics};
+    use fpm_subscriber::record::read_records;
+
+    struct Kill(Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn fpm() -> Command {
+        Command::new(env!("CARGO_BIN_EXE_fpm"))
+    }
+
+    /// A relay from `{base}.0` and `{base}.1` to `nats` in namespace `ns`.
+    fn relay(base: &str, nats: &str, ns: &str) -> Kill {
+        Kill(
+            fpm()
+                .args(["-q", "relay", "--ipc-base", base, "--dp-ranks", "0,1"])
+                .args([
+                    "--namespace",
+                    ns,
+                    "--nats-url",
+                    nats,
+                    "--metrics-addr",
+                    "off",
+                ])
+                .spawn()
+                .unwrap(),
+        )
+    }
+
+    fn emitters(base: &str) -> Vec<Emitter> {
+        (0..2)
+            .map(|rank| {
+                let cfg = EmitterConfig::new(Endpoint::IpcBase(base.into()), "w", rank)
+                    .with_clock(ClockChoice::Cpu);
+                Emitter::start(cfg).unwrap()
+            })
+            .collect()
+    }
+
+    fn iterate(es: &mut [Emitter], n: i64) {
+        for i in 0..n {
+            for e in es.iter_mut() {
+                e.begin_iteration();
+                e.time_segment(StreamHandle::DEFAULT, || {
+                    std::thread::sleep(Duration::from_micros(200))
+                });
+                e.submit(
+                    ScheduledRequestMetrics {
+                        num_decode_requests: i % 5 + 1,
+                        sum_decode_kv_tokens: 1000 * (i % 5 + 1),
+                        ..Default::default()
+                    },
+                    QueuedRequestMetrics::default(),
+                );
+            }
+        }
+    }
+
+    fn wait_exit(c: &mut Child, limit: Duration) -> std::process::ExitStatus {
+        let t = Instant::now();
+        loop {
+            if let Some(s) = c.try_wait().unwrap() {
+                return s;
+            }
+            assert!(t.elapsed() < limit, "did not exit within {limit:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn record_writes_every_message_stops_on_count_and_never_overwrites() {
+        let nats = fpm_testkit::NatsServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let base = fpm_testkit::ipc_base(dir.path(), "eng");
+        let out = dir.path().join("rec.jsonl");
+        let mut es = emitters(&base);
+        let _relay = relay(&base, &nats.url(), "rec");
+        let rec = fpm()
+            .args(["record", "--namespace", "rec", "--nats-url", &nats.url()])
+            .args(["--count", "400", "--output"])
+            .arg(&out)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(700)); // subscribed
+        iterate(&mut es, 200);
+        let o = rec.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(stdout.contains("recorded 400 messages"), "{stdout}");
+        assert!(
+            stdout.contains("lost: 0 in 0 counter gaps, 0 before start"),
+            "{stdout}"
+        );
+        let records: Vec<_> =
+            read_records(std::io::BufReader::new(std::fs::File::open(&out).unwrap()))
+                .collect::<Result<_, _>>()
+                .unwrap();
+        assert_eq!(records.len(), 400);
+        for rank in 0..2 {
+            let c: Vec<i64> = records
+                .iter()
+                .filter(|r| r.metrics.dp_rank == rank)
+                .map(|r| r.metrics.counter_id)
+                .collect();
+            assert_eq!(c, (0..200).collect::<Vec<_>>());
+        }
+        let before = std::fs::read(&out).unwrap();
+        let again = fpm()
+            .args([
+                "record",
+                "--nats-url",
+                &nats.url(),
+                "--count",
+                "1",
+                "--output",
+            ])
+            .arg(&out)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&again.stderr);
+        assert_eq!(again.status.code(), Some(1), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("refusing to overwrite"), "{err}");
+        assert_eq!(std::fs::read(&out).unwrap(), before);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn record_stops_on_sigterm_with_exit_0_and_a_summary_flushed() {
+        let nats = fpm_testkit::NatsServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let base = fpm_testkit::ipc_base(dir.path(), "eng");
+        let out = dir.path().join("rec.jsonl");
+        let mut es = emitters(&base);
+        let _relay = relay(&base, &nats.url(), "sig");
+        let mut rec = fpm()
+            .args([
+                "-q",
+                "record",
+                "--namespace",
+                "sig",
+                "--nats-url",
+                &nats.url(),
+                "--output",
+            ])
+            .arg(&out)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(700));
+        iterate(&mut es, 50);
+        // Flushed within about a second while still running.
+        let t = Instant::now();
+        while std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .lines()
+            .count()
+            < 100
+        {
+            assert!(t.elapsed() < Duration::from_secs(5), "not flushed");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let pid = rec.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let status = wait_exit(&mut rec, Duration::from_secs(10));
+        assert_eq!(status.code(), Some(0));
+        let mut stdout = String::new();
+        std::io::Read::read_to_string(rec.stdout.as_mut().unwrap(), &mut stdout).unwrap();
+        assert!(stdout.contains("recorded 100 messages"), "{stdout}");
+        assert!(stdout.contains("stopped by signal"), "{stdout}");
+        assert!(stdout.contains("2 streams"), "{stdout}");
+    }
+
+    #[test]
+    fn bad_subscription_flags_are_one_line_exit_1() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("x.jsonl");
+        for (args, needle) in [
+            (vec!["--namespace", "a.b"], "namespace"),
+            (vec!["--nats-url", "notaurl"], "notaurl"),
+            (
+                vec!["--stale-after", "10s", "--remove-after", "1s"],
+                "--remove-after",
+            ),
+        ] {
+            let o = fpm()
+                .args(["record", "--count", "1", "--output"])
+                .arg(&out)
+                .args(&args)
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+            assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+            assert!(err.contains(needle), "{args:?}: {err}");
+            assert!(!out.exists(), "a file was left behind");
+        }
+    }
+
+    #[test]
+    fn watch_once_json_reports_every_stream() {
+        let nats = fpm_testkit::NatsServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let base = fpm_testkit::ipc_base(dir.path(), "eng");
+        let mut es = emitters(&base);
+        let _relay = relay(&base, &nats.url(), "watch");
+        let w = fpm()
+            .args(["-q", "watch", "--once", "--json", "--interval", "2s"])
+            .args(["--namespace", "watch", "--nats-url", &nats.url()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(600));
+        iterate(&mut es, 100);
+        let o = w.wait_with_output().unwrap();
+        assert!(o.status.success());
+        let text = String::from_utf8(o.stdout).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let streams = v["streams"].as_array().unwrap();
+        assert_eq!(streams.len(), 2, "{text}");
+        for (i, s) in streams.iter().enumerate() {
+            assert_eq!(s["worker_id"], "w");
+            assert_eq!(s["dp_rank"], i as i64);
+            assert_eq!(s["source"], "watch/backend/generate");
+            assert!(s["iterations_per_s"].as_f64().unwrap() > 0.0, "{s}");
+            assert!(s["wall_time_p50"].as_f64().unwrap() > 0.0, "{s}");
+            assert_eq!(s["gap_messages"], 0);
+            assert_eq!(s["stale"], false);
+        }
+        assert_eq!(v["totals"]["messages"], 200);
+    }
+
+    /// A real Prometheus scrapes `fpm watch --metrics-addr` and answers a PromQL query with
+    /// Dynamo's label names.
+    #[test]
+    fn watch_metrics_scraped_by_a_real_prometheus() {
+        let nats = fpm_testkit::NatsServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let base = fpm_testkit::ipc_base(dir.path(), "eng");
+        let mut es = emitters(&base);
+        let _relay = relay(&base, &nats.url(), "prom");
+        let port = fpm_testkit::free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let _watch = Kill(
+            fpm()
+                .args(["-q", "watch", "--json", "--namespace", "prom"])
+                .args(["--nats-url", &nats.url(), "--metrics-addr", &addr])
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let Some(prom) = fpm_testkit::Prometheus::start(&addr) else {
+            return;
+        };
+        std::thread::sleep(Duration::from_millis(600));
+        iterate(&mut es, 100);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let q = r#"sum by (dynamo_namespace, dynamo_component, dynamo_endpoint, worker_id) (fpm_stream_messages_total{worker_id="w"})"#;
+        loop {
+            let body = prom.query(q);
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            let result = &v["data"]["result"];
+            if let Some(r) = result.as_array().and_then(|a| a.first()) {
+                if r["value"][1] == "200" {
+                    assert_eq!(r["metric"]["dynamo_namespace"], "prom");
+                    assert_eq!(r["metric"]["dynamo_component"], "backend");
+                    assert_eq!(r["metric"]["dynamo_endpoint"], "generate");
+                    break;
+                }
+            }
+            assert!(Instant::now() < deadline, "no answer: {body}");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        // The histogram is there too, per rank.
+        let body = prom.query(r#"count(fpm_iteration_wall_time_seconds_count{worker_id="w"})"#);
+        assert!(
+            body.contains(r#""value":["#) && body.contains(r#","2"]"#),
+            "{body}"
+        );
+        let (code, health) = fpm_testkit::http_get(&addr, "/health").unwrap();
+        assert_eq!((code, health.lines().next()), (200, Some("ok")));
+    }
+}

@@ -179,3 +179,121 @@ mod tests {
         assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
     }
 }
+
+/// A free TCP port on 127.0.0.1 (bound and released; fine for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A plain HTTP/1.1 GET (no dependencies): `(status code, body)`, or an error text.
+pub fn http_get(addr: &str, path: &str) -> Result<(u16, String), String> {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").ok_or("no HTTP head")?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or("no status code")?;
+    Ok((code, body.to_owned()))
+}
+
+/// A private Prometheus server (Debian's `prometheus`) scraping one target every second,
+/// killed on drop.
+///
+/// Returns `None` (and says why the test is skipped) when `prometheus` is not installed,
+/// unless `FPM_REQUIRE_PROMETHEUS=1` (CI), which panics instead.
+#[derive(Debug)]
+pub struct Prometheus {
+    child: Child,
+    addr: String,
+    _dir: TempDir,
+}
+
+impl Prometheus {
+    /// Starts one scraping `target` (`HOST:PORT`, path `/metrics`) every second.
+    pub fn start(target: &str) -> Option<Self> {
+        let bin = ["prometheus", "/usr/bin/prometheus"]
+            .into_iter()
+            .find(|b| Command::new(b).arg("--version").output().is_ok());
+        let Some(bin) = bin else {
+            if std::env::var("FPM_REQUIRE_PROMETHEUS").as_deref() == Ok("1") {
+                panic!("FPM_REQUIRE_PROMETHEUS=1 but `prometheus` is not installed (apt-get install prometheus)");
+            }
+            eprintln!("SKIPPED: `prometheus` is not installed (apt-get install prometheus)");
+            return None;
+        };
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = dir.path().join("prometheus.yml");
+        fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: fpm\n    static_configs:\n      - targets: ['{target}']\n"
+            ),
+        )
+        .expect("write prometheus.yml");
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let log = fs::File::create(dir.path().join("prometheus.log")).expect("log file");
+        let child = Command::new(bin)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn prometheus");
+        let p = Prometheus {
+            child,
+            addr,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if matches!(http_get(&p.addr, "/-/ready"), Ok((200, _))) {
+                return Some(p);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("prometheus did not become ready on {}", p.addr);
+    }
+
+    /// Runs an instant PromQL query; returns the JSON response body.
+    pub fn query(&self, promql: &str) -> String {
+        let mut q = String::new();
+        for b in promql.bytes() {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                q.push(b as char);
+            } else {
+                q.push_str(&format!("%{b:02X}"));
+            }
+        }
+        match http_get(&self.addr, &format!("/api/v1/query?query={q}")) {
+            Ok((200, body)) => body,
+            other => panic!("query {promql:?} failed: {other:?}"),
+        }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
