@@ -1348,6 +1348,37 @@ mod subscriber_cmds {
             assert!(Instant::now() < deadline, "no answer: {body}");
             std::thread::sleep(Duration::from_millis(300));
         }
+        // Every query of the Grafana dashboard runs and finds series.
+        let dash: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(
+                fpm_testkit::repo_root().join("deploy/grafana/fpm-dashboard.json"),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let mut n = 0;
+        for p in dash["panels"].as_array().unwrap() {
+            for t in p["targets"].as_array().unwrap() {
+                let expr = t["expr"]
+                    .as_str()
+                    .unwrap()
+                    .replace("$namespace", ".*")
+                    .replace("$worker", ".*");
+                // rate() needs two scrapes with data: retry for a while.
+                let deadline = Instant::now() + Duration::from_secs(15);
+                loop {
+                    let v: serde_json::Value = serde_json::from_str(&prom.query(&expr)).unwrap();
+                    assert_eq!(v["status"], "success", "{expr}: {v}");
+                    if !v["data"]["result"].as_array().unwrap().is_empty() {
+                        break;
+                    }
+                    assert!(Instant::now() < deadline, "{expr} found nothing");
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+                n += 1;
+            }
+        }
+        assert!(n >= 9);
         // The histogram is there too, per rank.
         let body = prom.query(r#"count(fpm_iteration_wall_time_seconds_count{worker_id="w"})"#);
         assert!(
