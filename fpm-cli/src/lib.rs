@@ -7,7 +7,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 pub mod commands;
 
 /// Forward Pass Metrics tools: decode and encode messages, relay them from engines to NATS,
-/// and simulate an engine that publishes them.
+/// record, watch and plot what flows, and simulate an engine that publishes them.
 ///
 /// Errors print one line (`fpm: error: ...`) and exit 1, argument errors included.
 #[derive(Debug, Parser)]

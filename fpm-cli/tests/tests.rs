@@ -491,14 +491,14 @@ mod cli_rules {
             .filter_map(|l| l.split_whitespace().next())
             .filter(|c| *c != "help")
             .collect();
-        let mut expected = vec!["decode", "encode", "relay", "sim", "plot"];
+        let mut expected = vec!["decode", "encode", "relay", "sim", "plot", "record", "watch"];
         let mut got = listed.clone();
         expected.sort_unstable();
         got.sort_unstable();
         assert_eq!(got, expected, "{text}");
         // The summary line and the package description name only those.
         let summary = text.lines().next().unwrap();
-        for missing in ["watch", "demo", "bench", "inspect", "fit"] {
+        for missing in ["demo", "bench", "inspect", "fit"] {
             assert!(!summary.contains(missing), "{missing} named in: {summary}");
             assert!(!env!("CARGO_PKG_DESCRIPTION").contains(missing));
         }
