@@ -491,7 +491,9 @@ mod cli_rules {
             .filter_map(|l| l.split_whitespace().next())
             .filter(|c| *c != "help")
             .collect();
-        let mut expected = vec!["decode", "encode", "relay", "sim", "plot", "record", "watch"];
+        let mut expected = vec![
+            "decode", "encode", "relay", "sim", "plot", "record", "watch",
+        ];
         let mut got = listed.clone();
         expected.sort_unstable();
         got.sort_unstable();

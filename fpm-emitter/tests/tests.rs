@@ -1460,6 +1460,47 @@ mod gpu {
         assert_eq!(stats.published, 20_000, "{stats:?}");
     }
 
+    /// What each driver call on the scheduler side costs (mean of 20,000), to see where the
+    /// per-iteration figure goes: the capture check, the context query, the record.
+    #[test]
+    #[ignore = "needs an NVIDIA GPU"]
+    fn driver_call_costs() {
+        let _g = gpu_lock();
+        use_primary(0);
+        let w = Work::new(1 << 20);
+        let mut ev = std::ptr::null_mut();
+        // SAFETY: plain driver calls on our stream and event.
+        ok(unsafe { sys::cuEventCreate(&mut ev, 0) }, "create");
+        let n = 20_000;
+        let time = |f: &dyn Fn()| {
+            let t = Instant::now();
+            for _ in 0..n {
+                f();
+            }
+            t.elapsed().as_nanos() as f64 / n as f64
+        };
+        let capturing = time(&|| {
+            let mut st = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+            // SAFETY: our stream, out-pointer to a local.
+            unsafe { sys::cuStreamIsCapturing(w.stream, &mut st) };
+        });
+        let current = time(&|| {
+            let mut c = std::ptr::null_mut();
+            // SAFETY: out-pointer to a local.
+            unsafe { sys::cuCtxGetCurrent(&mut c) };
+        });
+        let record = time(&|| {
+            // SAFETY: our event and stream.
+            unsafe { sys::cuEventRecord(ev, w.stream) };
+        });
+        w.sync();
+        eprintln!(
+            "driver calls, mean ns: cuStreamIsCapturing {capturing:.0}, cuCtxGetCurrent {current:.0}, cuEventRecord {record:.0}"
+        );
+        // SAFETY: ours.
+        unsafe { sys::cuEventDestroy_v2(ev) };
+    }
+
     /// Without a GPU the cuda build starts with the CPU stand-in when the clock is `Auto`;
     /// with one, it times on the GPU.
     #[test]
