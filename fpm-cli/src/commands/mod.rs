@@ -39,25 +39,31 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-/// Completes on SIGINT (Ctrl-C) or SIGTERM.
+/// Installs the SIGINT (Ctrl-C) and SIGTERM handlers now and returns a future that completes
+/// on either. Call it before announcing readiness: a signal that arrives between the two is
+/// then handled, not fatal. Must be called inside a Tokio runtime.
 ///
 /// # Errors
 /// The signal handlers could not be installed.
-pub async fn wait_for_signal() -> Result<()> {
+pub fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r.context("cannot handle SIGINT")?,
-            _ = term.recv() => {}
-        }
+        let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+        Ok(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        })
     }
     #[cfg(not(unix))]
-    tokio::signal::ctrl_c()
-        .await
-        .context("cannot handle Ctrl-C")?;
-    Ok(())
+    {
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+    }
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use fpm_subscriber::record::{Record, RecordWriter};
 use fpm_subscriber::unix_now_ns;
 
 use super::subscribe::{summary, SubscribeArgs};
-use super::{parse_duration, wait_for_signal};
+use super::{parse_duration, shutdown_signal};
 
 /// Arguments of `fpm record`.
 #[derive(Debug, Args)]
@@ -55,6 +55,7 @@ pub fn run(args: RecordArgs) -> Result<()> {
         .context("cannot start the async runtime")?;
     let started = Instant::now();
     let result = rt.block_on(async {
+        let signal = shutdown_signal()?;
         let (client, mut sub) = args.subscribe.subscribe("fpm-record").await?;
         let mut writer = RecordWriter::create(&args.output).map_err(|e| {
             if e.kind() == std::io::ErrorKind::AlreadyExists {
@@ -64,14 +65,13 @@ pub fn run(args: RecordArgs) -> Result<()> {
             }
         })?;
         let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
-        let signal = wait_for_signal();
         tokio::pin!(signal);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut written = 0u64;
         let reason = loop {
             tokio::select! {
                 biased;
-                r = &mut signal => { r?; break "signal"; }
+                () = &mut signal => break "signal",
                 _ = async { tokio::time::sleep_until(deadline.unwrap()).await }, if deadline.is_some() => break "duration",
                 _ = tick.tick() => {
                     writer.flush().with_context(|| format!("cannot write {}", args.output.display()))?;

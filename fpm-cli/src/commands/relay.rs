@@ -10,7 +10,7 @@ use fpm_relay::{BufferLimits, Relay, RelayConfig, Scope};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use super::{parse_duration, wait_for_signal, NatsArgs};
+use super::{parse_duration, shutdown_signal, NatsArgs};
 
 /// Subject layout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -252,6 +252,7 @@ pub fn relay(args: RelayArgs) -> Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     rt.block_on(async move {
+        let signal = shutdown_signal()?;
         let shutdown = CancellationToken::new();
         let relay = Relay::start(config, shutdown.clone()).await?;
         for g in &inputs {
@@ -262,10 +263,7 @@ pub fn relay(args: RelayArgs) -> Result<()> {
             );
         }
         tokio::select! {
-            r = wait_for_signal() => {
-                r?;
-                info!("shutting down");
-            }
+            () = signal => info!("shutting down"),
             () = relay.failed() => {}
         }
         shutdown.cancel();

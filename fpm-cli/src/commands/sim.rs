@@ -124,19 +124,25 @@ fn parse_rate(s: &str) -> Result<Rate, String> {
     }
 }
 
-/// Sets `stop` on SIGINT or SIGTERM.
-fn stop_on_signal(stop: Arc<AtomicBool>) {
-    std::thread::spawn(move || {
-        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        else {
-            return;
-        };
-        if rt.block_on(super::wait_for_signal()).is_ok() {
+/// Sets `stop` on SIGINT or SIGTERM. The handlers are installed before this returns (so a
+/// signal right after start-up is handled); a small thread waits for them.
+fn stop_on_signal(stop: Arc<AtomicBool>) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the signal runtime")?;
+    let signal = {
+        let _guard = rt.enter();
+        super::shutdown_signal()?
+    };
+    std::thread::Builder::new()
+        .name("fpm-sim-signal".into())
+        .spawn(move || {
+            rt.block_on(signal);
             stop.store(true, Ordering::Relaxed);
-        }
-    });
+        })
+        .context("cannot spawn the signal thread")?;
+    Ok(())
 }
 
 /// Runs `fpm sim`.
@@ -176,7 +182,7 @@ pub fn run(args: SimArgs) -> Result<()> {
         noise: args.noise,
     };
     let stop = Arc::new(AtomicBool::new(false));
-    stop_on_signal(stop.clone());
+    stop_on_signal(stop.clone())?;
     tracing::info!(
         worker_id = %cfg.worker_id,
         dp_size = cfg.dp_size,

@@ -15,7 +15,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use super::subscribe::{summary, SubscribeArgs};
-use super::{parse_duration, wait_for_signal};
+use super::{parse_duration, shutdown_signal};
 
 /// Arguments of `fpm watch`.
 #[derive(Debug, Args)]
@@ -291,6 +291,7 @@ pub fn run(args: WatchArgs) -> Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     rt.block_on(async {
+        let signal = shutdown_signal()?;
         let listener =
             match addr {
                 Some(a) => Some(tokio::net::TcpListener::bind(a).await.with_context(|| {
@@ -315,14 +316,13 @@ pub fn run(args: WatchArgs) -> Result<()> {
             ));
         }
         let terminal = std::io::stdout().is_terminal() && !args.json;
-        let signal = wait_for_signal();
         tokio::pin!(signal);
         let mut tick =
             tokio::time::interval_at(tokio::time::Instant::now() + args.interval, args.interval);
         loop {
             tokio::select! {
                 biased;
-                r = &mut signal => { r?; break; }
+                () = &mut signal => break,
                 _ = tick.tick() => {
                     let now = unix_now_ns();
                     sub.sweep(now);
