@@ -1,7 +1,11 @@
-//! Planner side of FPM: will consume FPM envelopes from NATS, track every engine and
-//! data-parallel rank, and bucket samples for the planner's performance model.
+//! Planner side of FPM.
 //!
-//! Not implemented yet: this crate is a placeholder in the workspace layout. Today, consume
-//! the relay's output with Dynamo's own `FpmEventSubscriber`, or decode envelopes with
-//! [`fpm_schema::Envelope::decode`] and [`fpm_schema::decode`].
+//! Today: [`planner`], Dynamo's planner load models (prefill, decode, aggregated) with the
+//! same behaviour as `ai-dynamo==1.6.1`, fed [`fpm_schema::ForwardPassMetrics`], plus fit
+//! quality reports, a choice of feeding policy and an attention-DP rank check. Consuming
+//! the relay's NATS output and tracking engines is not written yet: use Dynamo's own
+//! `FpmEventSubscriber`, or decode envelopes with [`fpm_schema::Envelope::decode`] and
+//! [`fpm_schema::decode`].
 #![deny(missing_docs)]
+
+pub mod planner;
