@@ -338,6 +338,34 @@ mod tests {
     }
 
     #[test]
+    fn dlasv2_reconstructs_the_triangle() {
+        for (f, g, h) in [
+            (3.0, 4.0, 5.0),
+            (1.0, 3759.0, 1e-13),
+            (-2.0, 1e-20, 7.0),
+            (0.0, 1.0, 0.0),
+            (5.0, 0.0, -3.0),
+            (1e-300, 1e300, 1.0),
+        ] {
+            let s = dlasv2(f, g, h);
+            // B = U diag(ssmax, ssmin) V^T, U = [csl -snl; snl csl], V = [csr -snr; snr csr].
+            let b = |i: usize, j: usize| {
+                let u = [[s.csl, -s.snl], [s.snl, s.csl]];
+                let v = [[s.csr, -s.snr], [s.snr, s.csr]];
+                u[i][0] * s.ssmax * v[j][0] + u[i][1] * s.ssmin * v[j][1]
+            };
+            let scale = f.abs().max(g.abs()).max(h.abs());
+            for (i, j, want) in [(0, 0, f), (0, 1, g), (1, 0, 0.0), (1, 1, h)] {
+                assert!(
+                    (b(i, j) - want).abs() <= 4.0 * f64::EPSILON * scale,
+                    "{f} {g} {h}: ({i},{j})"
+                );
+            }
+            assert!(s.ssmax.abs() >= s.ssmin.abs());
+        }
+    }
+
+    #[test]
     fn exact_line_is_recovered() {
         let s = samples(&[(&[1.0], 3.0), (&[2.0], 5.0), (&[4.0], 9.0)]);
         let f = least_squares(&s, 1).unwrap();
