@@ -3,7 +3,8 @@
 #
 # The venv lives under target/ so `cargo clean` removes it and it is never committed.
 # Upstream modules are fetched from PyPI at pinned versions; nothing of theirs is copied
-# into this repository. Pure-Python wheels that would drag in heavy dependencies
+# into this repository (numpy, scipy and scikit-learn are there for Dynamo's planner
+# regression models, see python/planner.py). Pure-Python wheels that would drag in heavy dependencies
 # (ai-dynamo, sglang) are fetched with `pip download --no-deps` and only the single
 # module file each test needs is loaded from the wheel (see python/upstream.py).
 #
@@ -14,7 +15,7 @@ set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${FPM_VENV:-$repo/target/fpm-venv}"
 wheels="$venv/wheels"
-stamp="$venv/.fpm-setup-v1"
+stamp="$venv/.fpm-setup-v2"
 
 if [[ -f "$stamp" && -x "$venv/bin/python" ]]; then
   echo "$venv/bin/python"
@@ -34,7 +35,10 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
   "msgspec==0.22.0" \
   "pyzmq==27.3.0" \
   "nats-py==2.16.0" \
-  "ai-dynamo-runtime==1.6.1" >&2
+  "ai-dynamo-runtime==1.6.1" \
+  "numpy==2.4.6" \
+  "scipy==1.17.1" \
+  "scikit-learn==1.9.1" >&2
 mkdir -p "$wheels"
 "${pip[@]}" download --no-deps -d "$wheels" "ai-dynamo==1.6.1" "sglang==0.5.23" >&2
 touch "$stamp"

@@ -18,7 +18,19 @@ pub use fpm_testkit::{python, repo_root};
 /// Runs `fpmcontract.py` with `args`, feeding `stdin`; returns stdout. Panics with stderr on
 /// a non-zero exit unless `allow_failure`.
 pub fn run_contract(py: &Path, args: &[&str], stdin: &[u8], allow_failure: bool) -> (bool, String) {
-    let script = repo_root().join("contract-tests/python/fpmcontract.py");
+    run_script(py, "fpmcontract.py", args, stdin, allow_failure)
+}
+
+/// Runs `contract-tests/python/<script>` with `args`, feeding `stdin`; returns stdout. Panics
+/// with stderr on a non-zero exit unless `allow_failure`.
+pub fn run_script(
+    py: &Path,
+    script: &str,
+    args: &[&str],
+    stdin: &[u8],
+    allow_failure: bool,
+) -> (bool, String) {
+    let script = repo_root().join("contract-tests/python").join(script);
     let mut child = Command::new(py)
         .arg(&script)
         .args(args)
@@ -37,7 +49,8 @@ pub fn run_contract(py: &Path, args: &[&str], stdin: &[u8], allow_failure: bool)
     let stdout = String::from_utf8(out.stdout).expect("utf-8 stdout");
     if !out.status.success() && !allow_failure {
         panic!(
-            "fpmcontract.py {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+            "{} {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+            script.display(),
             out.status,
             &stdout[..stdout.len().min(4000)],
             String::from_utf8_lossy(&out.stderr)

@@ -280,10 +280,12 @@ fn check_welford(text: &str) -> usize {
     cases
 }
 
+mod planner_parity;
+
 mod live {
     use super::*;
 
-    fn seed() -> u64 {
+    pub(crate) fn seed() -> u64 {
         let seed = std::env::var("FPM_CONTRACT_SEED")
             .ok()
             .and_then(|s| s.parse().ok())

@@ -1,5 +1,5 @@
 //! The planner side of Forward Pass Metrics: consume the relay's NATS events, track every
-//! engine stream, account for every lost message.
+//! engine stream, account for every lost message, and fit Dynamo's planner load models.
 //!
 //! - [`SubjectFilter`]: what to subscribe to (namespace / component / endpoint, `*` for any;
 //!   endpoint scope, component scope or both).
@@ -9,6 +9,9 @@
 //!   reordering, producer restarts, `missed_before_start`, envelope sequence gaps per relay,
 //!   staleness, and a cap on tracked streams.
 //! - [`Subscriber`]: the three over a live NATS subscription.
+//! - [`planner`]: Dynamo's planner load models (prefill, decode, aggregated) with the same
+//!   behaviour as `ai-dynamo==1.6.1`, plus fit quality, a feeding policy and an attention-DP
+//!   rank check.
 //! - [`exporter`]: Prometheus exposition with Dynamo's label names.
 //! - [`record`]: the JSON Lines recording format (`fpm record`, `fpm fit`, `fpm plot`).
 #![deny(missing_docs)]
@@ -16,6 +19,7 @@
 pub mod exporter;
 mod filter;
 mod ingest;
+pub mod planner;
 pub mod record;
 mod subscriber;
 mod tracker;

@@ -15,7 +15,7 @@
 //! there is one, else it is not tracked and counted (`untracked`); its samples still flow.
 //! Envelope sequence numbers are checked per relay (`publisher_id`) the same way.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -476,36 +476,22 @@ impl Tracker {
         self.sequence
     }
 
-    /// Attention-DP check: workers (by `worker_id`) whose set of dp ranks differs from the
-    /// most common set among workers (ties: the larger set). Dynamo's planner skips scaling
-    /// unless every worker reports the same set. Returns `(worker_id, its ranks)`.
-    pub fn dp_rank_mismatches(&self) -> Vec<(String, BTreeSet<i64>)> {
-        let mut by_worker: BTreeMap<&str, BTreeSet<i64>> = BTreeMap::new();
-        for k in self.streams.keys() {
-            by_worker.entry(&k.worker_id).or_default().insert(k.dp_rank);
-        }
-        let mut votes: BTreeMap<&BTreeSet<i64>, usize> = BTreeMap::new();
-        for set in by_worker.values() {
-            *votes.entry(set).or_default() += 1;
-        }
-        let Some(common) = votes
-            .iter()
-            .max_by(|a, b| a.1.cmp(b.1).then(a.0.len().cmp(&b.0.len())))
-            .map(|(s, _)| (*s).clone())
-        else {
-            return Vec::new();
-        };
-        by_worker
-            .into_iter()
-            .filter(|(_, s)| *s != common)
-            .map(|(w, s)| (w.to_owned(), s))
-            .collect()
+    /// Attention-DP check over the tracked streams: each worker's dp ranks, and the workers
+    /// whose set differs from the one most workers report (Dynamo's planner skips scaling
+    /// unless every worker reports the same).
+    pub fn dp_ranks(&self) -> crate::planner::DpRankReport {
+        crate::planner::DpRankReport::from_streams(
+            self.streams
+                .keys()
+                .map(|k| (k.worker_id.as_str(), k.dp_rank)),
+        )
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
 
     fn src() -> Arc<Source> {
         Arc::new(Source {
@@ -669,9 +655,8 @@ mod tests {
         for (w, r) in [("a", 0), ("a", 1), ("b", 0), ("b", 1), ("c", 0)] {
             t.observe(&sample(w, r, 0, 0.01, 0));
         }
-        assert_eq!(
-            t.dp_rank_mismatches(),
-            vec![("c".to_owned(), BTreeSet::from([0]))]
-        );
+        let r = t.dp_ranks();
+        assert_eq!(r.mismatched(), vec!["c"]);
+        assert_eq!(r.workers()["c"], BTreeSet::from([0]));
     }
 }

@@ -31,7 +31,7 @@ pub fn python() -> Option<PathBuf> {
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join("target/fpm-venv"));
     let py = venv.join("bin/python");
-    if py.exists() && venv.join(".fpm-setup-v1").exists() {
+    if py.exists() && venv.join(".fpm-setup-v2").exists() {
         return Some(py);
     }
     if std::env::var("FPM_REQUIRE_PYTHON").as_deref() == Ok("1") {

@@ -143,12 +143,14 @@ fn snapshot(sub: &Subscriber, now: u64) -> Snapshot {
             .into_iter()
             .map(|st| Row::of(st, now))
             .collect(),
-        dp_rank_mismatches: sub
-            .tracker()
-            .dp_rank_mismatches()
-            .into_iter()
-            .map(|(w, r)| (w, r.into_iter().collect()))
-            .collect(),
+        dp_rank_mismatches: {
+            let report = sub.tracker().dp_ranks();
+            report
+                .mismatched()
+                .into_iter()
+                .map(|w| (w.to_owned(), report.workers()[w].iter().copied().collect()))
+                .collect()
+        },
         totals: Totals {
             messages: stats.samples,
             rejected: stats.rejected.total(),
