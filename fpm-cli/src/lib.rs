@@ -7,7 +7,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 pub mod commands;
 
 /// Forward Pass Metrics tools: decode and encode messages, relay them from engines to NATS,
-/// record, watch and plot what flows, and simulate an engine that publishes them.
+/// record, watch, plot and fit what flows, and simulate an engine that publishes them.
 ///
 /// Errors print one line (`fpm: error: ...`) and exit 1, argument errors included.
 #[derive(Debug, Parser)]
@@ -39,6 +39,8 @@ pub enum Command {
     Watch(Box<commands::watch::WatchArgs>),
     /// Record FPM events from NATS to a JSON Lines file (for `fpm plot`, `fpm fit`, replay).
     Record(Box<commands::record::RecordArgs>),
+    /// Fit one of Dynamo's planner models (prefill, decode, agg) to a recording.
+    Fit(commands::fit::FitArgs),
     /// Draw a recording's per-stream time series (wall_time, batch and queue) as a PNG.
     Plot(commands::plot::PlotArgs),
 }
@@ -125,6 +127,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sim(args) => commands::sim::run(*args),
         Command::Relay(args) => commands::relay::relay(*args),
         Command::Plot(args) => commands::plot::run(args),
+        Command::Fit(args) => commands::fit::run(args),
         Command::Record(args) => commands::record::run(*args),
         Command::Watch(args) => commands::watch::run(*args),
     }

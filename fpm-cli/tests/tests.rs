@@ -492,7 +492,7 @@ mod cli_rules {
             .filter(|c| *c != "help")
             .collect();
         let mut expected = vec![
-            "decode", "encode", "relay", "sim", "plot", "record", "watch",
+            "decode", "encode", "relay", "sim", "plot", "record", "watch", "fit",
         ];
         let mut got = listed.clone();
         expected.sort_unstable();
@@ -500,7 +500,7 @@ mod cli_rules {
         assert_eq!(got, expected, "{text}");
         // The summary line and the package description name only those.
         let summary = text.lines().next().unwrap();
-        for missing in ["demo", "bench", "inspect", "fit"] {
+        for missing in ["demo", "bench", "inspect"] {
             assert!(!summary.contains(missing), "{missing} named in: {summary}");
             assert!(!env!("CARGO_PKG_DESCRIPTION").contains(missing));
         }
@@ -1389,5 +1389,177 @@ mod subscriber_cmds {
         );
         let (code, health) = fpm_testkit::http_get(&addr, "/health").unwrap();
         assert_eq!((code, health.lines().next()), (200, Some("ok")));
+    }
+}
+
+mod fit {
+    use std::process::Command;
+
+    use fpm_schema::ForwardPassMetrics;
+    use fpm_subscriber::record::{Record, RecordWriter};
+
+    /// A recording whose wall_time is exactly 3 ms + 1e-5 s per prefill token + 2e-8 s per
+    /// decode KV token + 1e-4 s per decode request, with heartbeats in between.
+    fn recording(path: &std::path::Path) {
+        let mut w = RecordWriter::create(path).unwrap();
+        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+        for i in 0..500i64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let mut m = ForwardPassMetrics::heartbeat("w", 0);
+            m.counter_id = i;
+            if i % 25 != 24 {
+                let s = &mut m.scheduled_requests;
+                s.num_prefill_requests = (x % 3) as i64;
+                s.sum_prefill_tokens = s.num_prefill_requests * (100 + (x >> 8) as i64 % 900);
+                s.num_decode_requests = 1 + (x >> 20) as i64 % 32;
+                s.sum_decode_kv_tokens = s.num_decode_requests * (200 + (x >> 30) as i64 % 3000);
+                m.wall_time = 0.003
+                    + 1e-5 * s.sum_prefill_tokens as f64
+                    + 2e-8 * s.sum_decode_kv_tokens as f64
+                    + 1e-4 * s.num_decode_requests as f64;
+            }
+            w.write(&Record {
+                received_at_ns: i as u64,
+                publisher_id: 1,
+                sequence: i as u64,
+                metrics: m,
+            })
+            .unwrap();
+        }
+        w.flush().unwrap();
+    }
+
+    fn fit(path: &std::path::Path, args: &[&str]) -> (Option<i32>, String, String) {
+        let o = Command::new(env!("CARGO_BIN_EXE_fpm"))
+            .arg("fit")
+            .arg(path)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8(o.stdout).unwrap(),
+            String::from_utf8(o.stderr).unwrap(),
+        )
+    }
+
+    #[test]
+    fn json_fields_per_model_and_the_decode_fit_recovers_the_cost() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = dir.path().join("r.jsonl");
+        recording(&rec);
+        let (code, out, err) = fit(&rec, &["--model", "decode", "--json"]);
+        assert_eq!(code, Some(0), "{err}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        // Exactly these keys, in this order.
+        let order = [
+            "model",
+            "fitted",
+            "observations",
+            "coef",
+            "intercept",
+            "avg_decode_length",
+        ];
+        let at: Vec<usize> = order
+            .iter()
+            .map(|k| out.find(&format!("\"{k}\":")).unwrap())
+            .collect();
+        assert!(at.windows(2).all(|w| w[0] < w[1]), "{out}");
+        assert_eq!(v.as_object().unwrap().len(), order.len(), "{out}");
+        assert_eq!(v["model"], "decode");
+        assert_eq!(v["fitted"], true);
+        assert_eq!(v["observations"], 64);
+        // The decode model sees prefill time as noise; on decode-only samples it would be
+        // exact. Here: the per-request and per-KV-token costs come out close.
+        let coef = v["coef"].as_array().unwrap();
+        assert_eq!(coef.len(), 2);
+        let (per_req, per_kv) = (coef[0].as_f64().unwrap(), coef[1].as_f64().unwrap());
+        assert!(per_req >= 0.0 && per_kv > 0.0, "{v}");
+
+        let (code, out, _) = fit(&rec, &["--model", "prefill", "--json"]);
+        assert_eq!(code, Some(0));
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert!(
+            v.get("avg_decode_length").is_none() && v.get("avg_isl").is_some(),
+            "{v}"
+        );
+        let (code, out, _) = fit(&rec, &["--model", "agg", "--json", "--max-samples", "200"]);
+        assert_eq!(code, Some(0));
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert!(
+            v.get("avg_decode_length").is_some() && v.get("avg_isl").is_some(),
+            "{v}"
+        );
+        assert_eq!(v["observations"], 200);
+        // Too few samples: not fitted, no coef/intercept keys.
+        let (_, out, _) = fit(
+            &rec,
+            &["--model", "agg", "--json", "--min-observations", "1000"],
+        );
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(v["fitted"], false);
+        assert!(
+            v.get("coef").is_none() && v.get("intercept").is_none(),
+            "{v}"
+        );
+        // Text form names the formula and the fit quality.
+        let (_, out, _) = fit(&rec, &["--model", "agg"]);
+        assert!(out.contains("500 records") && out.contains("R²"), "{out}");
+    }
+
+    #[test]
+    fn an_exact_linear_recording_is_recovered_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = dir.path().join("r.jsonl");
+        let mut w = RecordWriter::create(&rec).unwrap();
+        for i in 0..100i64 {
+            let mut m = ForwardPassMetrics::heartbeat("w", 0);
+            m.scheduled_requests.num_prefill_requests = 1;
+            m.scheduled_requests.sum_prefill_tokens = 64 * (i % 37 + 1);
+            m.wall_time = 0.002 + 3e-6 * m.scheduled_requests.sum_prefill_tokens as f64;
+            w.write(&Record {
+                received_at_ns: i as u64,
+                publisher_id: 1,
+                sequence: i as u64,
+                metrics: m,
+            })
+            .unwrap();
+        }
+        w.flush().unwrap();
+        let (code, out, err) = fit(&rec, &["--model", "prefill", "--json"]);
+        assert_eq!(code, Some(0), "{err}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        let c = v["coef"][0].as_f64().unwrap();
+        let b = v["intercept"].as_f64().unwrap();
+        assert!((c - 3e-6).abs() < 3e-6 * 1e-9, "{c}");
+        assert!((b - 0.002).abs() < 0.002 * 1e-9, "{b}");
+    }
+
+    #[test]
+    fn bad_arguments_are_one_line_exit_1() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = dir.path().join("r.jsonl");
+        recording(&rec);
+        for (args, needle) in [
+            (vec!["--model", "gpu"], "prefill, decode or agg"),
+            (
+                vec!["--model", "agg", "--bucket-size", "0"],
+                "--bucket-size",
+            ),
+            (
+                vec!["--model", "agg", "--max-samples", "-3"],
+                "--max-samples",
+            ),
+        ] {
+            let (code, _, err) = fit(&rec, &args);
+            assert_eq!(code, Some(1), "{args:?}: {err}");
+            assert_eq!(err.lines().count(), 1, "{err}");
+            assert!(err.contains(needle), "{args:?}: {err}");
+        }
+        let (code, _, err) = fit(&dir.path().join("none.jsonl"), &["--model", "agg"]);
+        assert_eq!(code, Some(1));
+        assert!(err.contains("cannot open"), "{err}");
     }
 }

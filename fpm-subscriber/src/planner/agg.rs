@@ -55,10 +55,7 @@ impl AggModel {
         self.avg_prefill_tokens.add(s.sum_prefill_tokens as f64);
         self.avg_num_prefill.add(s.num_prefill_requests as f64);
         self.avg_num_decode.add(s.num_decode_requests as f64);
-        self.core.add(
-            fpm,
-            &[s.sum_prefill_tokens as f64, s.sum_decode_kv_tokens as f64],
-        );
+        self.core.add(fpm, &super::ModelKind::Agg.features(fpm));
     }
 
     /// Moving average of prefill tokens per prefill request.

@@ -50,10 +50,7 @@ impl DecodeModel {
         if s.sum_decode_kv_tokens as f64 > self.max_observed_kv {
             self.max_observed_kv = s.sum_decode_kv_tokens as f64;
         }
-        self.core.add(
-            fpm,
-            &[s.num_decode_requests as f64, s.sum_decode_kv_tokens as f64],
-        );
+        self.core.add(fpm, &super::ModelKind::Decode.features(fpm));
     }
 
     /// Moving average of KV tokens per decode request (upstream's `avg_decode_length`).

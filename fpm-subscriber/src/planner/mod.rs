@@ -86,6 +86,24 @@ pub enum ModelKind {
 }
 
 impl ModelKind {
+    /// The model's features `x` of one message (the one definition the models use):
+    /// prefill `[sum_prefill_tokens]`, decode `[num_decode_requests, sum_decode_kv_tokens]`,
+    /// agg `[sum_prefill_tokens, sum_decode_kv_tokens]`.
+    pub fn features(self, fpm: &ForwardPassMetrics) -> Features {
+        let s = &fpm.scheduled_requests;
+        match self {
+            ModelKind::Prefill => Features([s.sum_prefill_tokens as f64, 0.0], 1),
+            ModelKind::Decode => Features(
+                [s.num_decode_requests as f64, s.sum_decode_kv_tokens as f64],
+                2,
+            ),
+            ModelKind::Agg => Features(
+                [s.sum_prefill_tokens as f64, s.sum_decode_kv_tokens as f64],
+                2,
+            ),
+        }
+    }
+
     /// `"prefill"`, `"decode"` or `"agg"`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -112,6 +130,17 @@ impl FromStr for ModelKind {
             "agg" => Ok(ModelKind::Agg),
             _ => Err(PlannerError::UnknownModel(s.to_owned())),
         }
+    }
+}
+
+/// A model's features of one message (one or two values; no allocation).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Features([f64; 2], usize);
+
+impl std::ops::Deref for Features {
+    type Target = [f64];
+    fn deref(&self) -> &[f64] {
+        &self.0[..self.1]
     }
 }
 

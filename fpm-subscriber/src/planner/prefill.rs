@@ -41,7 +41,7 @@ impl PrefillModel {
             self.avg_isl.add(0.0);
         }
         self.avg_num_prefill.add(s.num_prefill_requests as f64);
-        self.core.add(fpm, &[s.sum_prefill_tokens as f64]);
+        self.core.add(fpm, &super::ModelKind::Prefill.features(fpm));
     }
 
     /// Moving average of prefill tokens per request (upstream's `avg_isl`).
