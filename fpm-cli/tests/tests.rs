@@ -646,10 +646,23 @@ mod plot {
         assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
         let w = u32::from_be_bytes(bytes[16..20].try_into().unwrap());
         let h = u32::from_be_bytes(bytes[20..24].try_into().unwrap());
-        assert_eq!((w, h), (800, 5 * 120));
-        // Not a blank image: many distinct bytes in the compressed pixel data.
+        assert_eq!((w, h), (800, 6 * 120)); // five series panels and the agg model's fit
+                                            // Not a blank image: many distinct bytes in the compressed pixel data.
         let distinct = bytes.iter().collect::<std::collections::HashSet<_>>().len();
         assert!(distinct > 200, "{distinct}");
+        // Without the model panel.
+        let out = Command::new(env!("CARGO_BIN_EXE_fpm"))
+            .arg("plot")
+            .arg(&rec)
+            .arg("--output")
+            .arg(&png)
+            .args(["--width", "800", "--panel-height", "120", "--model", "none"])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let bytes = std::fs::read(&png).unwrap();
+        let h = u32::from_be_bytes(bytes[20..24].try_into().unwrap());
+        assert_eq!(h, 5 * 120);
     }
 
     #[test]
@@ -1284,6 +1297,7 @@ mod subscriber_cmds {
         let _relay = relay(&base, &nats.url(), "watch");
         let w = fpm()
             .args(["-q", "watch", "--once", "--json", "--interval", "2s"])
+            .args(["--feed", "every-iteration", "--model-interval", "300ms"])
             .args(["--namespace", "watch", "--nats-url", &nats.url()])
             .stdout(Stdio::piped())
             .spawn()
@@ -1307,6 +1321,18 @@ mod subscriber_cmds {
             assert_eq!(s["stale"], false);
         }
         assert_eq!(v["totals"]["messages"], 200);
+        // The planner models were fed every iteration: the decode model has its samples.
+        let models = v["models"].as_array().unwrap();
+        let names: Vec<&str> = models
+            .iter()
+            .map(|m| m["model"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["prefill", "decode", "agg"]);
+        assert_eq!(models[1]["observations"], 64, "{text}");
+        assert!(
+            models[1]["avg_decode_length"].as_f64().unwrap() > 0.0,
+            "{text}"
+        );
     }
 
     /// A real Prometheus scrapes `fpm watch --metrics-addr` and answers a PromQL query with

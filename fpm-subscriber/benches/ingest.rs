@@ -1,5 +1,6 @@
-//! Ingest cost per message: envelope decode, payload decode, tracking (and, once planner
-//! models are fed, the model update). Target: at least 1,000,000 messages/s on one core.
+//! Ingest cost per message: envelope decode, payload decode, tracking, and the update of the
+//! three planner models (fed every iteration, the costlier policy). Target: at least
+//! 1,000,000 messages/s on one core.
 //!
 //! `cargo bench -p fpm-subscriber --bench ingest`
 
@@ -61,6 +62,33 @@ fn bench(c: &mut Criterion) {
                 for (i, m) in msgs.iter().enumerate() {
                     let s = ingest.ingest(SUBJECT, m, i as u64).unwrap();
                     black_box(tracker.observe(&s));
+                }
+            },
+            criterion::BatchSize::LargeInput,
+        )
+    });
+    g.bench_function("decode+track+3 planner models, every iteration", |b| {
+        use fpm_subscriber::planner::{ModelConfig, ModelKind, PerfModel};
+        b.iter_batched_ref(
+            || {
+                let models: Vec<PerfModel> =
+                    [ModelKind::Prefill, ModelKind::Decode, ModelKind::Agg]
+                        .into_iter()
+                        .map(|k| PerfModel::new(k, &ModelConfig::default()).unwrap())
+                        .collect();
+                (
+                    Ingest::new(filter.clone(), fpm_schema::DEFAULT_MAX_SIZE),
+                    Tracker::new(TrackerConfig::default()),
+                    models,
+                )
+            },
+            |(ingest, tracker, models)| {
+                for (i, m) in msgs.iter().enumerate() {
+                    let s = ingest.ingest(SUBJECT, m, i as u64).unwrap();
+                    black_box(tracker.observe(&s));
+                    for model in models.iter_mut() {
+                        model.observe(&s.metrics);
+                    }
                 }
             },
             criterion::BatchSize::LargeInput,

@@ -106,3 +106,85 @@ pub fn run(args: FitArgs) -> Result<()> {
     }
     Ok(())
 }
+
+/// The three planner models fed from a live stream through a feeding policy (what `fpm
+/// watch` and `fpm demo` show).
+#[derive(Debug)]
+pub struct ModelSet {
+    feeder: fpm_subscriber::planner::TickFeeder,
+    models: Vec<PerfModel>,
+}
+
+/// One model's state for `--json` output.
+#[derive(Debug, serde::Serialize)]
+pub struct ModelReport {
+    /// Upstream's terms (what `fpm fit --json` prints).
+    #[serde(flatten)]
+    pub summary: fpm_subscriber::planner::FitSummary,
+    /// R² of the fit over the retained samples.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub r_squared: Option<f64>,
+    /// 99th percentile of |wall_time - prediction|, seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub residual_p99: Option<f64>,
+}
+
+impl ModelSet {
+    /// Prefill, decode and agg models with `config`, fed by `policy`.
+    ///
+    /// # Errors
+    /// An invalid model configuration.
+    pub fn new(
+        config: &ModelConfig,
+        policy: fpm_subscriber::planner::FeedingPolicy,
+    ) -> Result<Self> {
+        let models = [ModelKind::Prefill, ModelKind::Decode, ModelKind::Agg]
+            .into_iter()
+            .map(|k| PerfModel::new(k, config).map_err(|e| anyhow::anyhow!("{e}")))
+            .collect::<Result<_>>()?;
+        Ok(ModelSet {
+            feeder: fpm_subscriber::planner::TickFeeder::new(policy),
+            models,
+        })
+    }
+
+    /// Takes one received message (fed to the models at the next tick).
+    pub fn push(&mut self, fpm: &fpm_schema::ForwardPassMetrics) {
+        self.feeder.push(fpm.clone());
+    }
+
+    /// A planner tick: feeds what the policy selected since the last one.
+    pub fn tick(&mut self) {
+        for fpm in self.feeder.tick() {
+            for m in &mut self.models {
+                m.observe(&fpm);
+            }
+        }
+    }
+
+    /// One line per model.
+    pub fn describe(&mut self) -> Vec<String> {
+        self.models.iter_mut().map(describe).collect()
+    }
+
+    /// Per-model reports.
+    pub fn reports(&mut self) -> Vec<ModelReport> {
+        self.models
+            .iter_mut()
+            .map(|m| {
+                let summary = m.summary();
+                let q = m.quality();
+                ModelReport {
+                    summary,
+                    r_squared: q.map(|q| q.r_squared),
+                    residual_p99: q.map(|q| q.residual_p99),
+                }
+            })
+            .collect()
+    }
+
+    /// The models.
+    pub fn models(&mut self) -> &mut [PerfModel] {
+        &mut self.models
+    }
+}

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use fpm_subscriber::planner::{ModelConfig, ModelKind, PerfModel};
 use fpm_subscriber::record::{read_records, Record};
 use plotters::prelude::*;
 
@@ -22,6 +23,26 @@ pub struct PlotArgs {
     /// Height of each panel in pixels.
     #[arg(long, default_value_t = 260, value_parser = clap::value_parser!(u32).range(80..=4_000))]
     pub panel_height: u32,
+    /// The planner model to fit over the whole recording (as `fpm fit` does) and draw against
+    /// the samples: predicted vs measured wall_time of every iteration; `none` for no panel.
+    #[arg(long, default_value = "agg", value_parser = parse_model)]
+    pub model: PlotModel,
+    /// Samples the model keeps (as `fpm fit --max-samples`).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_samples: u64,
+}
+
+/// `--model`: a planner model, or none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlotModel(pub Option<ModelKind>);
+
+fn parse_model(s: &str) -> Result<PlotModel, String> {
+    if s == "none" {
+        return Ok(PlotModel(None));
+    }
+    s.parse()
+        .map(|k| PlotModel(Some(k)))
+        .map_err(|_| format!("{s:?}: use prefill, decode, agg or none"))
 }
 
 /// One panel: a title and how to read its value off a record (`None`: not plotted).
@@ -92,11 +113,39 @@ pub fn run(args: PlotArgs) -> Result<()> {
     plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular())
         .map_err(|_| anyhow::anyhow!("the embedded font cannot be loaded"))?;
     let (records, series) = load(&args.file)?;
-    let height = args.panel_height * PANELS.len() as u32;
+    // The fitted model, and (measured, predicted) wall_time in ms for every iteration.
+    let fitted = match args.model.0 {
+        Some(kind) => {
+            let config = ModelConfig {
+                max_samples: args.max_samples as usize,
+                ..ModelConfig::default()
+            };
+            let mut m = PerfModel::new(kind, &config).map_err(|e| anyhow::anyhow!("{e}"))?;
+            for r in &records {
+                m.observe(&r.metrics);
+            }
+            let title = super::fit::describe(&mut m);
+            let points: Vec<(f64, f64)> = match m.fit() {
+                Ok(fit) => records
+                    .iter()
+                    .filter(|r| r.metrics.wall_time > 0.0 && r.metrics.wall_time.is_finite())
+                    .map(|r| {
+                        let x = kind.features(&r.metrics);
+                        (r.metrics.wall_time * 1e3, fit.predict(&x) * 1e3)
+                    })
+                    .collect(),
+                Err(_) => Vec::new(),
+            };
+            Some((title, points))
+        }
+        None => None,
+    };
+    let panels = PANELS.len() + usize::from(fitted.is_some());
+    let height = args.panel_height * panels as u32;
     let root = BitMapBackend::new(&args.output, (args.width, height)).into_drawing_area();
     let draw = || -> Result<(), Box<dyn std::error::Error>> {
         root.fill(&WHITE)?;
-        let areas = root.split_evenly((PANELS.len(), 1));
+        let areas = root.split_evenly((panels, 1));
         let streams: Vec<&(String, i64)> = series[0]
             .keys()
             .chain(series.iter().flat_map(|s| s.keys()))
@@ -115,7 +164,7 @@ pub fn run(args: PlotArgs) -> Result<()> {
                 .flatten()
                 .map(|p| p.1)
                 .fold(0.0f64, f64::max)
-                .max(1e-9)
+                .max(1.0)
                 * 1.05;
             let mut chart = ChartBuilder::on(area)
                 .caption(panel.title, ("sans-serif", 16))
@@ -147,6 +196,32 @@ pub fn run(args: PlotArgs) -> Result<()> {
                 .border_style(BLACK)
                 .label_font(("sans-serif", 12))
                 .draw()?;
+        }
+        if let (Some((title, points)), Some(area)) = (&fitted, areas.get(PANELS.len())) {
+            let hi = points
+                .iter()
+                .flat_map(|p| [p.0, p.1])
+                .filter(|v| v.is_finite())
+                .fold(1e-3f64, f64::max)
+                * 1.05;
+            let mut chart = ChartBuilder::on(area)
+                .caption(format!("model {title}"), ("sans-serif", 14))
+                .margin(8)
+                .x_label_area_size(28)
+                .y_label_area_size(70)
+                .build_cartesian_2d(0.0..hi, 0.0..hi)?;
+            chart
+                .configure_mesh()
+                .x_desc("measured wall_time (ms)")
+                .y_desc("predicted (ms)")
+                .label_style(("sans-serif", 12))
+                .draw()?;
+            chart.draw_series(LineSeries::new([(0.0, 0.0), (hi, hi)], BLACK.mix(0.5)))?;
+            chart.draw_series(
+                points
+                    .iter()
+                    .map(|&p| Circle::new(p, 2, BLUE.mix(0.4).filled())),
+            )?;
         }
         root.present()?;
         Ok(())

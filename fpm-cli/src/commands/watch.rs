@@ -14,8 +14,10 @@ use fpm_subscriber::{unix_now_ns, StreamState, Subscriber, SubscriberStats};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use super::fit::{ModelReport, ModelSet};
 use super::subscribe::{summary, SubscribeArgs};
 use super::{parse_duration, shutdown_signal};
+use fpm_subscriber::planner::{FeedingPolicy, ModelConfig};
 
 /// Arguments of `fpm watch`.
 #[derive(Debug, Args)]
@@ -37,9 +39,24 @@ pub struct WatchArgs {
     /// 127.0.0.1:$DYN_SYSTEM_PORT when that is set, else off.
     #[arg(long, env = "FPM_WATCH_METRICS_ADDR", value_name = "ADDR|off")]
     pub metrics_addr: Option<String>,
+    /// How the planner models are fed: `latest-per-tick` (Dynamo's: the newest message of
+    /// each stream per --model-interval) or `every-iteration`.
+    #[arg(long, default_value = "latest-per-tick", value_parser = parse_feed)]
+    pub feed: FeedingPolicy,
+    /// The planner models' tick (Dynamo's load_adjustment_interval).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub model_interval: Duration,
+    /// Samples each model keeps (Dynamo's max_num_fpm_samples).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_samples: u64,
     /// What to subscribe to and how.
     #[command(flatten)]
     pub subscribe: SubscribeArgs,
+}
+
+fn parse_feed(s: &str) -> Result<FeedingPolicy, String> {
+    s.parse()
+        .map_err(|_| format!("{s:?}: use latest-per-tick or every-iteration"))
 }
 
 /// One stream in a snapshot.
@@ -114,6 +131,8 @@ pub struct Snapshot {
     pub dp_rank_mismatches: Vec<(String, Vec<i64>)>,
     /// Totals.
     pub totals: Totals,
+    /// The planner models' fits.
+    pub models: Vec<ModelReport>,
 }
 
 /// The subscriber's totals in a snapshot.
@@ -133,7 +152,7 @@ pub struct Totals {
     pub slow_consumer_drops: u64,
 }
 
-fn snapshot(sub: &Subscriber, now: u64) -> Snapshot {
+fn snapshot(sub: &Subscriber, models: &mut ModelSet, now: u64) -> Snapshot {
     let stats: SubscriberStats = sub.stats();
     Snapshot {
         at_ns: now,
@@ -159,6 +178,7 @@ fn snapshot(sub: &Subscriber, now: u64) -> Snapshot {
             sequence_gap_messages: stats.sequence.gap_messages,
             slow_consumer_drops: stats.slow_consumer_drops,
         },
+        models: models.reports(),
     }
 }
 
@@ -287,6 +307,9 @@ pub fn run(args: WatchArgs) -> Result<()> {
     if args.interval.is_zero() {
         anyhow::bail!("--interval must be positive");
     }
+    if args.model_interval.is_zero() {
+        anyhow::bail!("--model-interval must be positive");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -303,6 +326,17 @@ pub fn run(args: WatchArgs) -> Result<()> {
             };
         let (client, mut sub) = args.subscribe.subscribe("fpm-watch").await?;
         let exporter = Arc::new(Mutex::new(Exporter::new()));
+        let mut models = ModelSet::new(
+            &ModelConfig {
+                max_samples: args.max_samples as usize,
+                ..ModelConfig::default()
+            },
+            args.feed,
+        )?;
+        let mut model_tick = tokio::time::interval_at(
+            tokio::time::Instant::now() + args.model_interval,
+            args.model_interval,
+        );
         let cancel = CancellationToken::new();
         if let Some(l) = listener {
             tracing::info!(addr = %l.local_addr()?, "serving /metrics, /health, /live");
@@ -331,7 +365,7 @@ pub fn run(args: WatchArgs) -> Result<()> {
                     if let Ok(mut e) = exporter.lock() {
                         e.update(sub.tracker(), &sub.stats(), now);
                     }
-                    let snap = snapshot(&sub, now);
+                    let snap = snapshot(&sub, &mut models, now);
                     let mut out = std::io::stdout().lock();
                     if args.json {
                         serde_json::to_writer(&mut out, &snap)?;
@@ -341,6 +375,9 @@ pub fn run(args: WatchArgs) -> Result<()> {
                             write!(out, "\x1b[H\x1b[2J")?;
                         }
                         write!(out, "{}", table(&snap))?;
+                        for line in models.describe() {
+                            writeln!(out, "model {line}")?;
+                        }
                         writeln!(out, "{}", summary(&sub.stats()))?;
                         if !terminal {
                             writeln!(out)?;
@@ -351,11 +388,13 @@ pub fn run(args: WatchArgs) -> Result<()> {
                         break;
                     }
                 }
+                _ = model_tick.tick() => models.tick(),
                 s = sub.next() => match s {
                     Some(s) => {
                         if let Ok(mut e) = exporter.lock() {
                             e.observe(&s);
                         }
+                        models.push(&s.metrics);
                     }
                     None => break,
                 },
