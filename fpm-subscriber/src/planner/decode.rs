@@ -68,39 +68,7 @@ impl DecodeModel {
         self.max_observed_kv
     }
 
-    /// Samples retained.
-    pub fn num_observations(&self) -> usize {
-        self.core.store.len()
-    }
-
-    /// At least `min_observations` samples.
-    pub fn has_sufficient_data(&self) -> bool {
-        self.core.store.len() >= self.core.min_observations
-    }
-
-    /// The retained samples, in the order the fit sees them.
-    pub fn samples(&self) -> impl Iterator<Item = &Sample> {
-        self.core.store.iter()
-    }
-
-    /// `(min, max)` per axis seen (the bucket ranges).
-    pub fn bounds(&self) -> Vec<(f64, f64)> {
-        self.core.store.bounds()
-    }
-
-    /// Fits if needed.
-    ///
-    /// # Errors
-    ///
-    /// Why there is no usable fit, see [`FitError`].
-    pub fn fit(&mut self) -> Result<Fit, FitError> {
-        self.core.fit()
-    }
-
-    /// R² and residual p99 of the current fit.
-    pub fn quality(&mut self) -> Option<FitQuality> {
-        self.core.quality()
-    }
+    core_accessors!();
 
     /// Estimated next decode iteration time (seconds) with one more request of average
     /// length: `x = [avg_num_decode + 1, scheduled + queued + avg_decode_length]`.

@@ -53,6 +53,45 @@ use std::str::FromStr;
 
 use fpm_schema::ForwardPassMetrics;
 
+/// The accessors every model shares over its `core` (one definition for the three).
+macro_rules! core_accessors {
+    () => {
+        /// Samples retained.
+        pub fn num_observations(&self) -> usize {
+            self.core.store.len()
+        }
+
+        /// At least `min_observations` samples (upstream's `has_sufficient_data`).
+        pub fn has_sufficient_data(&self) -> bool {
+            self.core.store.len() >= self.core.min_observations
+        }
+
+        /// The retained samples, in the order the fit sees them.
+        pub fn samples(&self) -> impl Iterator<Item = &Sample> {
+            self.core.store.iter()
+        }
+
+        /// `(min, max)` per feature axis seen (the bucket ranges).
+        pub fn bounds(&self) -> Vec<(f64, f64)> {
+            self.core.store.bounds()
+        }
+
+        /// Fits if needed.
+        ///
+        /// # Errors
+        ///
+        /// Why there is no usable fit, see [`FitError`].
+        pub fn fit(&mut self) -> Result<Fit, FitError> {
+            self.core.fit()
+        }
+
+        /// R² and residual p99 of the current fit.
+        pub fn quality(&mut self) -> Option<FitQuality> {
+            self.core.quality()
+        }
+    };
+}
+
 mod agg;
 mod buckets;
 mod decode;

@@ -54,39 +54,7 @@ impl PrefillModel {
         self.avg_num_prefill.value()
     }
 
-    /// Samples retained.
-    pub fn num_observations(&self) -> usize {
-        self.core.store.len()
-    }
-
-    /// At least `min_observations` samples (upstream's `has_sufficient_data`).
-    pub fn has_sufficient_data(&self) -> bool {
-        self.core.store.len() >= self.core.min_observations
-    }
-
-    /// The retained samples, in the order the fit sees them.
-    pub fn samples(&self) -> impl Iterator<Item = &Sample> {
-        self.core.store.iter()
-    }
-
-    /// `(min, max)` of `sum_prefill_tokens` seen (the bucket range).
-    pub fn bounds(&self) -> Vec<(f64, f64)> {
-        self.core.store.bounds()
-    }
-
-    /// Fits if needed.
-    ///
-    /// # Errors
-    ///
-    /// Why there is no usable fit, see [`FitError`].
-    pub fn fit(&mut self) -> Result<Fit, FitError> {
-        self.core.fit()
-    }
-
-    /// R² and residual p99 of the current fit.
-    pub fn quality(&mut self) -> Option<FitQuality> {
-        self.core.quality()
-    }
+    core_accessors!();
 
     /// Estimated TTFT (seconds) of the next request: `queued_prefill_tokens + avg_isl`,
     /// discounted by the KV hit rate (clamped to `[0, 0.95]`), chunked into
