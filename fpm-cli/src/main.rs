@@ -18,6 +18,7 @@ fn main() -> ExitCode {
     fpm_cli::init_logging(cli.verbose, cli.quiet);
     match fpm_cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<fpm_cli::Reported>().is_some() => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("fpm: error: {e:#}");
             ExitCode::FAILURE

@@ -492,7 +492,7 @@ mod cli_rules {
             .filter(|c| *c != "help")
             .collect();
         let mut expected = vec![
-            "decode", "encode", "relay", "sim", "plot", "record", "watch", "fit",
+            "decode", "encode", "relay", "sim", "plot", "record", "watch", "fit", "demo",
         ];
         let mut got = listed.clone();
         expected.sort_unstable();
@@ -500,7 +500,7 @@ mod cli_rules {
         assert_eq!(got, expected, "{text}");
         // The summary line and the package description name only those.
         let summary = text.lines().next().unwrap();
-        for missing in ["demo", "bench", "inspect"] {
+        for missing in ["bench", "inspect"] {
             assert!(!summary.contains(missing), "{missing} named in: {summary}");
             assert!(!env!("CARGO_PKG_DESCRIPTION").contains(missing));
         }
@@ -1587,5 +1587,130 @@ mod fit {
         let (code, _, err) = fit(&dir.path().join("none.jsonl"), &["--model", "agg"]);
         assert_eq!(code, Some(1));
         assert!(err.contains("cannot open"), "{err}");
+    }
+}
+
+/// `fpm demo`: the whole pipeline, a PASS verdict as the last line, nothing left behind.
+mod demo {
+    use std::path::Path;
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    /// What a demo left in its own TMPDIR, and child processes it left running.
+    fn leftovers(tmp: &Path, pid: u32) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(tmp)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        if let Ok(out) = Command::new("pgrep")
+            .args(["-P", &pid.to_string()])
+            .output()
+        {
+            let s = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            if !s.is_empty() {
+                v.push(format!("child processes {s}"));
+            }
+        }
+        v
+    }
+
+    fn demo(tmp: &Path) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_fpm"));
+        c.env("TMPDIR", tmp).args(["-q", "demo"]);
+        c
+    }
+
+    #[test]
+    fn a_short_demo_passes_and_cleans_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let png = dir.path().join("demo.png");
+        let child = demo(tmp.path())
+            .args(["--duration", "3s", "--workers", "2", "--dp-size", "2"])
+            .arg("--plot")
+            .arg(&png)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let out = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let last = stdout.lines().last().unwrap();
+        assert!(last.starts_with("PASS: "), "{last}");
+        assert!(last.ends_with(" received, 0 lost"), "{last}");
+        // Four streams, the models against the cost model, the plot.
+        for w in 0..2 {
+            for r in 0..2 {
+                assert!(
+                    stdout
+                        .lines()
+                        .any(|l| l.contains(&format!("demo-worker-{w}"))
+                            && l.split_whitespace().nth(1) == Some(&r.to_string())),
+                    "stream {w}/{r} missing:\n{stdout}"
+                );
+            }
+        }
+        assert!(stdout.contains("(given 2.000e-5)"), "{stdout}");
+        assert!(std::fs::metadata(&png).unwrap().len() > 10_000);
+        assert!(
+            leftovers(tmp.path(), pid).is_empty(),
+            "{:?}",
+            leftovers(tmp.path(), pid)
+        );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn ctrl_c_stops_everything_and_still_reports() {
+        let tmp = tempfile::tempdir().unwrap();
+        let child = demo(tmp.path())
+            .args(["--duration", "60s", "--workers", "1"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        std::thread::sleep(Duration::from_secs(2));
+        Command::new("kill")
+            .args(["-INT", &pid.to_string()])
+            .status()
+            .unwrap();
+        let t = Instant::now();
+        let out = child.wait_with_output().unwrap();
+        assert!(t.elapsed() < Duration::from_secs(15), "slow to stop");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains("(interrupted)"), "{stdout}");
+        let last = stdout.lines().last().unwrap();
+        assert!(
+            last.starts_with("PASS: ") || last.starts_with("FAIL: "),
+            "{last}"
+        );
+        assert!(
+            leftovers(tmp.path(), pid).is_empty(),
+            "{:?}",
+            leftovers(tmp.path(), pid)
+        );
+    }
+
+    #[test]
+    fn an_external_nats_is_used() {
+        let nats = fpm_testkit::NatsServer::start();
+        let tmp = tempfile::tempdir().unwrap();
+        let out = demo(tmp.path())
+            .args(["--duration", "2s", "--workers", "1", "--dp-size", "1"])
+            .args(["--nats-url", &nats.url()])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{stdout}");
+        assert!(stdout.contains(&nats.url()), "{stdout}");
+        assert!(stdout.lines().last().unwrap().starts_with("PASS: "));
     }
 }

@@ -183,3 +183,75 @@ async fn connect_options(cfg: &NatsConfig) -> Result<ConnectOptions, Error> {
             std::future::ready(None)
         }))
 }
+
+/// Starts a private `nats-server` on 127.0.0.1 with its log and store in `dir`: on `port`,
+/// or on a free one (`None`). Returns the child and the port it listens on. Used by
+/// `fpm demo` and the tests; the caller kills the child.
+///
+/// # Errors
+/// `nats-server` is not installed ([`std::io::ErrorKind::NotFound`]), or it did not start
+/// within 10 s (the error carries its log).
+pub fn spawn_local_server(
+    dir: &std::path::Path,
+    port: Option<u16>,
+) -> std::io::Result<(std::process::Child, u16)> {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    let log = dir.join("nats.log");
+    let _ = std::fs::remove_file(&log);
+    let store = dir.join("store");
+    let port_arg = port.map_or("-1".to_owned(), |p| p.to_string());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut child = Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port_arg, "-l"])
+            .arg(&log)
+            .arg("--store_dir")
+            .arg(&store)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        // Wait for "client connections on 127.0.0.1:PORT" in the log.
+        while Instant::now() < deadline {
+            let mut text = String::new();
+            if let Ok(mut f) = std::fs::File::open(&log) {
+                let _ = f.read_to_string(&mut text);
+            }
+            if let Some(p) = parse_server_port(&text) {
+                return Ok((child, p));
+            }
+            if let Ok(Some(_)) = child.try_wait() {
+                break; // exited (port still in TIME_WAIT on restart): retry
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        if Instant::now() >= deadline {
+            return Err(std::io::Error::other(format!(
+                "nats-server did not start; log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The port in nats-server's "Listening for client connections on 127.0.0.1:PORT" line.
+fn parse_server_port(log: &str) -> Option<u16> {
+    let line = log.lines().find(|l| l.contains("client connections on"))?;
+    line.rsplit(':').next()?.trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_port_line() {
+        let log = "[1] 2026/11/25 [INF] Listening for client connections on 127.0.0.1:40123\n";
+        assert_eq!(parse_server_port(log), Some(40123));
+        assert_eq!(parse_server_port("[INF] Starting nats-server\n"), None);
+    }
+}

@@ -111,61 +111,18 @@ impl Drop for NatsServer {
 }
 
 fn spawn(dir: &Path, port: Option<u16>) -> (Child, u16) {
-    let log = dir.join("nats.log");
-    let _ = fs::remove_file(&log);
-    let store = dir.join("store");
-    let port_arg = port.map_or("-1".to_owned(), |p| p.to_string());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let mut child = Command::new("nats-server")
-            .args(["-a", "127.0.0.1", "-p", &port_arg, "-l"])
-            .arg(&log)
-            .arg("--store_dir")
-            .arg(&store)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nats-server not found: install it (apt-get install nats-server)");
-        // Wait for "client connections on 127.0.0.1:PORT" in the log.
-        while Instant::now() < deadline {
-            let mut text = String::new();
-            if let Ok(mut f) = fs::File::open(&log) {
-                let _ = f.read_to_string(&mut text);
-            }
-            if let Some(p) = parse_port(&text) {
-                return (child, p);
-            }
-            if let Ok(Some(_)) = child.try_wait() {
-                break; // exited (port still in TIME_WAIT on restart): retry
-            }
-            std::thread::sleep(Duration::from_millis(20));
+    match fpm_relay::nats::spawn_local_server(dir, port) {
+        Ok(x) => x,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            panic!("nats-server not found: install it (apt-get install nats-server)")
         }
-        let _ = child.kill();
-        let _ = child.wait();
-        assert!(
-            Instant::now() < deadline,
-            "nats-server did not start; log:\n{}",
-            fs::read_to_string(&log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(100));
+        Err(e) => panic!("{e}"),
     }
-}
-
-fn parse_port(log: &str) -> Option<u16> {
-    let line = log.lines().find(|l| l.contains("client connections on"))?;
-    line.rsplit(':').next()?.trim().parse().ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_port_line() {
-        let log = "[1] 2026/11/25 [INF] Listening for client connections on 127.0.0.1:40123\n";
-        assert_eq!(parse_port(log), Some(40123));
-    }
 
     #[test]
     fn starts_stops_restarts() {

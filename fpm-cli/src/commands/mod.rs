@@ -5,6 +5,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 pub mod codec;
+pub mod demo;
 pub mod fit;
 mod nats_args;
 pub mod plot;

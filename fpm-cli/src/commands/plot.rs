@@ -78,20 +78,26 @@ pub(crate) const PANELS: [Panel; 5] = [
 /// Points per stream and panel: (seconds since the first record, value).
 pub(crate) type Series = BTreeMap<(String, i64), Vec<(f64, f64)>>;
 
-/// Reads the recording and builds every panel's series.
-pub(crate) fn load(file: &PathBuf) -> Result<(Vec<Record>, Vec<Series>)> {
+/// Reads a recording.
+pub(crate) fn load(file: &PathBuf) -> Result<Vec<Record>> {
     let f = std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
     let records: Vec<Record> = read_records(std::io::BufReader::new(f))
         .collect::<Result<_, _>>()
         .with_context(|| format!("{} is not an fpm recording", file.display()))?;
-    let Some(t0) = records.iter().map(|r| r.received_at_ns).min() else {
+    if records.is_empty() {
         bail!("{} has no records", file.display());
-    };
-    let series = PANELS
+    }
+    Ok(records)
+}
+
+/// Every panel's series.
+fn series_of(records: &[Record]) -> Vec<Series> {
+    let t0 = records.iter().map(|r| r.received_at_ns).min().unwrap_or(0);
+    PANELS
         .iter()
         .map(|p| {
             let mut s = Series::new();
-            for r in &records {
+            for r in records {
                 if let Some(v) = (p.value)(r).filter(|v| v.is_finite()) {
                     let t = (r.received_at_ns - t0) as f64 / 1e9;
                     s.entry((r.metrics.worker_id.clone(), r.metrics.dp_rank))
@@ -101,8 +107,7 @@ pub(crate) fn load(file: &PathBuf) -> Result<(Vec<Record>, Vec<Series>)> {
             }
             s
         })
-        .collect();
-    Ok((records, series))
+        .collect()
 }
 
 /// Runs `fpm plot`.
@@ -110,18 +115,49 @@ pub(crate) fn load(file: &PathBuf) -> Result<(Vec<Record>, Vec<Series>)> {
 /// # Errors
 /// An unreadable or empty recording, or a PNG that cannot be written.
 pub fn run(args: PlotArgs) -> Result<()> {
+    let records = load(&args.file)?;
+    let (streams, height) = draw(
+        &records,
+        &args.output,
+        args.width,
+        args.panel_height,
+        args.model.0,
+        args.max_samples,
+    )?;
+    println!(
+        "{}: {} records, {streams} streams -> {} ({}x{height})",
+        args.file.display(),
+        records.len(),
+        args.output.display(),
+        args.width,
+    );
+    Ok(())
+}
+
+/// Draws `records` into the PNG `output`; returns (streams, image height).
+///
+/// # Errors
+/// The PNG cannot be drawn or written.
+pub(crate) fn draw(
+    records: &[Record],
+    output: &PathBuf,
+    width: u32,
+    panel_height: u32,
+    model: Option<ModelKind>,
+    max_samples: u64,
+) -> Result<(usize, u32)> {
     plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular())
         .map_err(|_| anyhow::anyhow!("the embedded font cannot be loaded"))?;
-    let (records, series) = load(&args.file)?;
+    let series = series_of(records);
     // The fitted model, and (measured, predicted) wall_time in ms for every iteration.
-    let fitted = match args.model.0 {
+    let fitted = match model {
         Some(kind) => {
             let config = ModelConfig {
-                max_samples: args.max_samples as usize,
+                max_samples: max_samples as usize,
                 ..ModelConfig::default()
             };
             let mut m = PerfModel::new(kind, &config).map_err(|e| anyhow::anyhow!("{e}"))?;
-            for r in &records {
+            for r in records {
                 m.observe(&r.metrics);
             }
             let title = super::fit::describe(&mut m);
@@ -141,8 +177,8 @@ pub fn run(args: PlotArgs) -> Result<()> {
         None => None,
     };
     let panels = PANELS.len() + usize::from(fitted.is_some());
-    let height = args.panel_height * panels as u32;
-    let root = BitMapBackend::new(&args.output, (args.width, height)).into_drawing_area();
+    let height = panel_height * panels as u32;
+    let root = BitMapBackend::new(output, (width, height)).into_drawing_area();
     let draw = || -> Result<(), Box<dyn std::error::Error>> {
         root.fill(&WHITE)?;
         let areas = root.split_evenly((panels, 1));
@@ -226,16 +262,6 @@ pub fn run(args: PlotArgs) -> Result<()> {
         root.present()?;
         Ok(())
     };
-    draw().map_err(|e| anyhow::anyhow!("cannot draw {}: {e}", args.output.display()))?;
-    let streams = series[0].len().max(series[1].len());
-    println!(
-        "{}: {} records, {} streams -> {} ({}x{})",
-        args.file.display(),
-        records.len(),
-        streams,
-        args.output.display(),
-        args.width,
-        height
-    );
-    Ok(())
+    draw().map_err(|e| anyhow::anyhow!("cannot draw {}: {e}", output.display()))?;
+    Ok((series[0].len().max(series[1].len()), height))
 }

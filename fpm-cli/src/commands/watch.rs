@@ -152,7 +152,7 @@ pub struct Totals {
     pub slow_consumer_drops: u64,
 }
 
-fn snapshot(sub: &Subscriber, models: &mut ModelSet, now: u64) -> Snapshot {
+pub(crate) fn snapshot(sub: &Subscriber, models: &mut ModelSet, now: u64) -> Snapshot {
     let stats: SubscriberStats = sub.stats();
     Snapshot {
         at_ns: now,
