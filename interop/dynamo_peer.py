@@ -13,6 +13,7 @@ DYN_FILE_KV=<dir>, NATS_SERVER=nats://127.0.0.1:<port> and DYN_LOG=error.
   sglang-publish the real sglang _FpmPublisherThread publishing K messages on ipc://...
   vllm-publish   a pyzmq PUB bound like Dynamo's vLLM scheduler (tcp://*:{base+rank}).
   dynamo-relay   Dynamo's own FpmEventRelay + a recv-mode subscriber in one process.
+  dynamo-relay-only   Dynamo's own FpmEventRelay alone, until SIGTERM (for `fpm bench --peer dynamo`).
 
 Output lines:
   {"ready": true}                                      subscriber is subscribed at the server
@@ -275,6 +276,28 @@ async def cmd_dynamo_relay(a) -> None:
     finish(0)
 
 
+async def cmd_dynamo_relay_only(a) -> None:
+    from dynamo.llm import FpmEventRelay
+
+    rt = runtime(asyncio.get_running_loop())
+    ep = rt.endpoint(f"{a.namespace}.{a.component}.{a.endpoint}")
+    relays = [FpmEventRelay(ep, z) for z in a.zmq_endpoint]
+    write_ready(a.ready_file)
+    emit({"ready": True})
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    import signal as _signal
+    for sig in (_signal.SIGTERM, _signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=a.timeout)
+    except asyncio.TimeoutError:
+        pass
+    for r in relays:
+        r.shutdown()
+    emit({"summary": {"relays": len(relays)}})
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sp = p.add_subparsers(dest="cmd", required=True)
@@ -319,6 +342,10 @@ def main() -> None:
     r.add_argument("--zmq-endpoint", action="append", required=True)
     r.add_argument("--count", type=int, required=True)
 
+    ro = sp.add_parser("dynamo-relay-only")
+    names(ro)
+    ro.add_argument("--zmq-endpoint", action="append", required=True)
+
     a = p.parse_args()
     if a.cmd == "subscribe":
         asyncio.run(cmd_subscribe(a))
@@ -330,6 +357,8 @@ def main() -> None:
         cmd_vllm_publish(a)
     elif a.cmd == "dynamo-relay":
         asyncio.run(cmd_dynamo_relay(a))
+    elif a.cmd == "dynamo-relay-only":
+        asyncio.run(cmd_dynamo_relay_only(a))
     finish(0)
 
 

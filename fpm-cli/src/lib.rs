@@ -42,6 +42,9 @@ pub enum Command {
     /// Run the whole pipeline on this machine (simulated fleet, relays, NATS, subscriber and
     /// planner models) and check that nothing is lost.
     Demo(commands::demo::DemoArgs),
+    /// Benchmark the pipeline at fixed rates (delivered, lost, latency, CPU, memory), optionally
+    /// side by side with Dynamo's relay.
+    Bench(commands::bench::BenchArgs),
     /// Fit one of Dynamo's planner models (prefill, decode, agg) to a recording.
     Fit(commands::fit::FitArgs),
     /// Draw a recording's per-stream time series (wall_time, batch and queue) as a PNG.
@@ -145,6 +148,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Plot(args) => commands::plot::run(args),
         Command::Fit(args) => commands::fit::run(args),
         Command::Demo(args) => commands::demo::run(args),
+        Command::Bench(args) => commands::bench::run(args),
         Command::Record(args) => commands::record::run(*args),
         Command::Watch(args) => commands::watch::run(*args),
     }

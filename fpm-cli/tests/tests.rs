@@ -492,7 +492,7 @@ mod cli_rules {
             .filter(|c| *c != "help")
             .collect();
         let mut expected = vec![
-            "decode", "encode", "relay", "sim", "plot", "record", "watch", "fit", "demo",
+            "decode", "encode", "relay", "sim", "plot", "record", "watch", "fit", "demo", "bench",
         ];
         let mut got = listed.clone();
         expected.sort_unstable();
@@ -500,7 +500,7 @@ mod cli_rules {
         assert_eq!(got, expected, "{text}");
         // The summary line and the package description name only those.
         let summary = text.lines().next().unwrap();
-        for missing in ["bench", "inspect"] {
+        for missing in ["inspect", "replay"] {
             assert!(!summary.contains(missing), "{missing} named in: {summary}");
             assert!(!env!("CARGO_PKG_DESCRIPTION").contains(missing));
         }
@@ -1712,5 +1712,69 @@ mod demo {
         assert_eq!(out.status.code(), Some(0), "{stdout}");
         assert!(stdout.contains(&nats.url()), "{stdout}");
         assert!(stdout.lines().last().unwrap().starts_with("PASS: "));
+    }
+}
+
+/// `fpm bench` drives the real pipeline and reports what it measured.
+mod bench {
+    use std::process::Command;
+
+    #[test]
+    fn a_short_bench_delivers_everything_and_writes_markdown() {
+        let out_dir = tempfile::tempdir().unwrap();
+        let o = Command::new(env!("CARGO_BIN_EXE_fpm"))
+            .args([
+                "-q",
+                "bench",
+                "--rates",
+                "2000",
+                "--duration",
+                "1s",
+                "--output-dir",
+            ])
+            .arg(out_dir.path())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success(),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let row = stdout
+            .lines()
+            .find(|l| l.starts_with("| fpm |"))
+            .unwrap_or_else(|| panic!("no row: {stdout}"));
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        // | fpm | sent | delivered | lost emitter | lost after | p50 | p99 | p99.9 | cpu | rss | sub cpu |
+        let sent: u64 = cells[2].parse().unwrap();
+        let delivered: u64 = cells[3].parse().unwrap();
+        assert!(sent >= 1900, "{row}");
+        assert_eq!(delivered, sent, "{row}");
+        assert_eq!((cells[4], cells[5]), ("0", "0"), "{row}");
+        let p50: f64 = cells[6].parse().unwrap();
+        let p999: f64 = cells[8].parse().unwrap();
+        assert!(p50 > 0.0 && p999 >= p50, "{row}");
+        let rss: f64 = cells[10].parse().unwrap();
+        assert!(rss > 1.0, "{row}");
+        let files: Vec<_> = std::fs::read_dir(out_dir.path())
+            .unwrap()
+            .flatten()
+            .collect();
+        assert_eq!(files.len(), 1);
+        let md = std::fs::read_to_string(files[0].path()).unwrap();
+        assert!(md.starts_with("# fpm bench") && md.contains("Machine: ") && md.contains(row));
+    }
+
+    #[test]
+    fn bad_rates_are_one_line_exit_1() {
+        let o = Command::new(env!("CARGO_BIN_EXE_fpm"))
+            .args(["bench", "--rates", "0,fast"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("--rates"), "{err}");
     }
 }

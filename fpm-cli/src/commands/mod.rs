@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
+pub mod bench;
 pub mod codec;
 pub mod demo;
 pub mod fit;

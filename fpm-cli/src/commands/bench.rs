@@ -1,0 +1,549 @@
+//! `fpm bench`: the real pipeline (our emitter → a relay process → a private nats-server →
+//! a subscriber) at fixed rates, one table per rate; with `--peer dynamo`, Dynamo 1.6.1's
+//! `FpmEventRelay` in place of ours in the same run, and the ratio.
+//!
+//! Latency is from `submit` on the scheduler thread to receipt by the subscriber, paired by
+//! `counter_id`, on one clock (both ends live in this process). Relay CPU time and peak RSS
+//! come from `/proc/<pid>` of the relay process; the subscriber's CPU from its own thread's
+//! `/proc/self/task/<tid>/schedstat`.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use fpm_emitter::{ClockChoice, Emitter, EmitterConfig, Endpoint, StreamHandle};
+use fpm_schema::{QueuedRequestMetrics, ScheduledRequestsBuilder};
+use futures_util::StreamExt;
+
+use super::parse_duration;
+
+/// A rate to drive the pipeline at.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum BenchRate {
+    /// Messages per second.
+    PerSecond(f64),
+    /// As fast as the emitter's hot loop goes.
+    Max,
+}
+
+impl std::fmt::Display for BenchRate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BenchRate::PerSecond(r) => write!(f, "{r} msg/s"),
+            BenchRate::Max => f.write_str("max"),
+        }
+    }
+}
+
+fn parse_rate(s: &str) -> Result<BenchRate, String> {
+    if s.eq_ignore_ascii_case("max") {
+        return Ok(BenchRate::Max);
+    }
+    match s.trim().parse::<f64>() {
+        Ok(r) if r > 0.0 && r.is_finite() => Ok(BenchRate::PerSecond(r)),
+        _ => Err(format!(
+            "{s:?}: a rate is messages per second (> 0) or `max`"
+        )),
+    }
+}
+
+/// Which relay to compare with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Peer {
+    /// Dynamo 1.6.1's `FpmEventRelay` (ai-dynamo-runtime, from the contract venv).
+    Dynamo,
+}
+
+/// Arguments of `fpm bench`.
+#[derive(Debug, Args)]
+#[command(after_help = "\
+Needs nats-server. With --peer dynamo, run it from the repository: the Python venv is made by
+contract-tests/setup.sh. Results also go to a markdown file under --output-dir.")]
+pub struct BenchArgs {
+    /// Rates to drive, comma-separated: messages per second, or `max`.
+    #[arg(long, value_delimiter = ',', default_value = "1000,20000,max", value_parser = parse_rate)]
+    pub rates: Vec<BenchRate>,
+    /// How long each rate is driven.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Also run Dynamo's relay in place of ours, in the same run.
+    #[arg(long, value_enum)]
+    pub peer: Option<Peer>,
+    /// Where the markdown results are written (`off` for nowhere).
+    #[arg(long, default_value = "bench/results")]
+    pub output_dir: PathBuf,
+}
+
+/// One relay's figures at one rate.
+#[derive(Debug, Clone, Default)]
+pub struct Row {
+    /// `fpm` or `dynamo`.
+    pub relay: &'static str,
+    /// Iterations submitted during the measured window.
+    pub sent: u64,
+    /// Of which received by the subscriber.
+    pub delivered: u64,
+    /// Dropped by the emitter (queue full, no subscriber, ...).
+    pub lost_emitter: u64,
+    /// Lost between the emitter's socket and the subscriber (relay, NATS, subscriber).
+    pub lost_after: u64,
+    /// Latency quantiles, microseconds: p50, p99, p99.9.
+    pub latency_us: [f64; 3],
+    /// Relay CPU time per delivered message, microseconds.
+    pub relay_cpu_us: f64,
+    /// Relay peak resident memory, MiB.
+    pub relay_rss_mib: f64,
+    /// Subscriber CPU time per delivered message, microseconds.
+    pub subscriber_cpu_us: f64,
+}
+
+const SUBJECT: &str = "namespace.bench.component.backend.endpoint.generate.forward-pass-metrics";
+
+/// Kills and reaps on drop.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(3) {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// CPU seconds (user + system) a process has used, from `/proc/<pid>/stat`.
+fn process_cpu_s(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map_or("", |x| x.1);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 (1-based), i.e. 11 and 12 after the ')'.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Peak resident memory of a process (VmHWM), MiB.
+fn process_peak_rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// CPU nanoseconds of the calling thread.
+fn thread_cpu_ns() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}
+
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+/// The subscriber thread: receipt instants by counter, and its CPU time.
+struct SubscriberThread {
+    received: Arc<Mutex<Vec<(u64, Instant)>>>,
+    count: Arc<AtomicU64>,
+    cpu_ns: Arc<AtomicU64>,
+    stop: tokio::sync::watch::Sender<bool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SubscriberThread {
+    fn start(nats_url: &str) -> Result<Self> {
+        let received = Arc::new(Mutex::new(Vec::with_capacity(1 << 20)));
+        let count = Arc::new(AtomicU64::new(0));
+        let cpu_ns = Arc::new(AtomicU64::new(0));
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+        let (r, c, cpu, url) = (
+            received.clone(),
+            count.clone(),
+            cpu_ns.clone(),
+            nats_url.to_owned(),
+        );
+        let thread = std::thread::Builder::new()
+            .name("fpm-bench-sub".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let client = match async_nats::ConnectOptions::new()
+                        .subscription_capacity(1 << 20)
+                        .connect(url.as_str())
+                        .await
+                    {
+                        Ok(c) => c,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e.to_string()));
+                            return;
+                        }
+                    };
+                    let mut sub = match client.subscribe(SUBJECT).await {
+                        Ok(s) => s,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e.to_string()));
+                            return;
+                        }
+                    };
+                    let _ = client.flush().await;
+                    let _ = ready_tx.send(Ok(()));
+                    let decoder = fpm_schema::Decoder::new();
+                    loop {
+                        tokio::select! {
+                            _ = stopped.changed() => break,
+                            m = sub.next() => {
+                                let Some(m) = m else { break };
+                                let now = Instant::now();
+                                let counter = fpm_schema::Envelope::decode(&m.payload)
+                                    .ok()
+                                    .and_then(|e| decoder.peek_key(e.payload).ok())
+                                    .map(|k| k.counter_id);
+                                if let Some(c) = counter {
+                                    if let Ok(mut v) = r.lock() {
+                                        v.push((c as u64, now));
+                                    }
+                                }
+                                c.fetch_add(1, Ordering::Relaxed);
+                                cpu.store(thread_cpu_ns(), Ordering::Relaxed);
+                            }
+                        }
+                    }
+                });
+            })
+            .context("cannot start the subscriber thread")?;
+        match ready_rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => bail!("the bench subscriber cannot connect to NATS: {e}"),
+            Err(_) => bail!("the bench subscriber did not start"),
+        }
+        Ok(SubscriberThread {
+            received,
+            count,
+            cpu_ns,
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for SubscriberThread {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn batch(i: u64) -> fpm_schema::ScheduledRequestMetrics {
+    let mut b = ScheduledRequestsBuilder::new();
+    for k in 0..8 {
+        b.add_decode(1000 + (i % 97) as i64 + 31 * k);
+    }
+    b.build()
+}
+
+/// One relay at one rate.
+fn run_one(args: &BenchArgs, rate: BenchRate, peer: Option<Peer>, tmp: &Path) -> Result<Row> {
+    let dir = tempfile::tempdir_in(tmp)?;
+    let (nats_child, port) =
+        fpm_relay::nats::spawn_local_server(dir.path(), None).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                anyhow::anyhow!("nats-server is not installed: apt-get install nats-server")
+            }
+            _ => anyhow::anyhow!("cannot start nats-server: {e}"),
+        })?;
+    let _nats = Child(nats_child);
+    let nats_url = format!("nats://127.0.0.1:{port}");
+    let endpoint = format!("ipc://{}", dir.path().join("eng.0").display());
+    // The emitter binds first (Dynamo's relay does not pick up a PUB bound after it).
+    let mut cfg = EmitterConfig::new(Endpoint::Exact(endpoint.clone()), "bench-worker", 0)
+        .with_clock(ClockChoice::Cpu);
+    cfg.queue_capacity = 100_000;
+    let mut emitter = Emitter::start(cfg)?;
+    let sub = SubscriberThread::start(&nats_url)?;
+    let relay = match peer {
+        None => Child(
+            Command::new(std::env::current_exe()?)
+                .args(["-q", "relay", "--zmq-endpoint", &endpoint])
+                .args(["--namespace", "bench", "--nats-url", &nats_url])
+                .args(["--metrics-addr", "off"])
+                .stdout(Stdio::null())
+                .spawn()
+                .context("cannot start the relay")?,
+        ),
+        Some(Peer::Dynamo) => {
+            let py = python()?;
+            let kv = dir.path().join("kv");
+            std::fs::create_dir_all(&kv)?;
+            Child(
+                Command::new(py)
+                    .arg("interop/dynamo_peer.py")
+                    .args([
+                        "dynamo-relay-only",
+                        "--namespace",
+                        "bench",
+                        "--timeout",
+                        "3600",
+                    ])
+                    .args(["--zmq-endpoint", &endpoint])
+                    .env("DYN_FILE_KV", &kv)
+                    .env("NATS_SERVER", &nats_url)
+                    .env("DYN_LOG", "error")
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .context("cannot start Dynamo's relay")?,
+            )
+        }
+    };
+    let relay_pid = relay.0.id();
+    // Warm up: until messages come through end to end.
+    let warm = Instant::now();
+    while sub.count.load(Ordering::Relaxed) < 20 {
+        if warm.elapsed() > Duration::from_secs(60) {
+            bail!("nothing reached the subscriber within 60 s (relay not up?)");
+        }
+        emitter.begin_iteration();
+        emitter.time_segment(StreamHandle::DEFAULT, || ());
+        emitter.submit(batch(0), QueuedRequestMetrics::default());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let first = emitter.stats().submitted;
+    let dropped_before = emitter.stats().dropped.total();
+    let count_before = sub.count.load(Ordering::Relaxed);
+    let relay_cpu0 = process_cpu_s(relay_pid);
+    let sub_cpu0 = sub.cpu_ns.load(Ordering::Relaxed);
+    // Drive.
+    let mut submitted_at: Vec<Instant> = Vec::with_capacity(1 << 20);
+    let start = Instant::now();
+    let mut i = 0u64;
+    while start.elapsed() < args.duration {
+        if let BenchRate::PerSecond(r) = rate {
+            let next = start + Duration::from_secs_f64(i as f64 / r);
+            while Instant::now() < next {
+                std::hint::spin_loop();
+            }
+        }
+        emitter.begin_iteration();
+        emitter.time_segment(StreamHandle::DEFAULT, || ());
+        submitted_at.push(Instant::now());
+        emitter.submit(batch(i), QueuedRequestMetrics::default());
+        i += 1;
+    }
+    let sent = i;
+    // Drain: until everything arrived, or nothing moves for 2 s.
+    let mut last = sub.count.load(Ordering::Relaxed);
+    let mut still = Instant::now();
+    while sub.count.load(Ordering::Relaxed) < count_before + sent
+        && still.elapsed() < Duration::from_secs(2)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = sub.count.load(Ordering::Relaxed);
+        if now != last {
+            last = now;
+            still = Instant::now();
+        }
+    }
+    let relay_cpu = process_cpu_s(relay_pid) - relay_cpu0;
+    let relay_rss = process_peak_rss_mib(relay_pid);
+    let sub_cpu = sub.cpu_ns.load(Ordering::Relaxed).saturating_sub(sub_cpu0);
+    let lost_emitter = emitter.stats().dropped.total() - dropped_before;
+    let mut latencies: Vec<f64> = Vec::new();
+    let mut delivered = 0u64;
+    if let Ok(v) = sub.received.lock() {
+        for &(c, at) in v.iter() {
+            if c >= first && c < first + sent {
+                delivered += 1;
+                let sub_at = submitted_at[(c - first) as usize];
+                latencies.push(at.saturating_duration_since(sub_at).as_secs_f64() * 1e6);
+            }
+        }
+    }
+    latencies.sort_by(f64::total_cmp);
+    drop(sub);
+    drop(relay);
+    emitter.shutdown(Duration::from_millis(200));
+    let per = |x: f64| {
+        if delivered > 0 {
+            x / delivered as f64
+        } else {
+            f64::NAN
+        }
+    };
+    Ok(Row {
+        relay: if peer.is_some() { "dynamo" } else { "fpm" },
+        sent,
+        delivered,
+        lost_emitter,
+        lost_after: sent.saturating_sub(delivered + lost_emitter),
+        latency_us: [
+            quantile(&latencies, 0.5),
+            quantile(&latencies, 0.99),
+            quantile(&latencies, 0.999),
+        ],
+        relay_cpu_us: per(relay_cpu * 1e6),
+        relay_rss_mib: relay_rss,
+        subscriber_cpu_us: per(sub_cpu as f64 / 1e3),
+    })
+}
+
+/// The contract venv's python (made by `contract-tests/setup.sh`, which this runs).
+fn python() -> Result<PathBuf> {
+    if !Path::new("contract-tests/setup.sh").is_file()
+        || !Path::new("interop/dynamo_peer.py").is_file()
+    {
+        bail!("--peer dynamo runs from the repository root (it needs contract-tests/setup.sh and interop/dynamo_peer.py)");
+    }
+    let out = Command::new("bash")
+        .arg("contract-tests/setup.sh")
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cannot run contract-tests/setup.sh")?;
+    if !out.status.success() {
+        bail!("contract-tests/setup.sh failed: cannot make the Python venv with Dynamo's relay");
+    }
+    Ok(PathBuf::from(
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+    ))
+}
+
+fn table(rate: BenchRate, rows: &[Row]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "\n### {rate}\n");
+    let _ = writeln!(
+        s,
+        "| relay | sent | delivered | lost: emitter | lost: relay/NATS/subscriber | latency p50 µs | p99 µs | p99.9 µs | relay CPU µs/msg | relay peak RSS MiB | subscriber CPU µs/msg |"
+    );
+    let _ = writeln!(
+        s,
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.2} | {:.1} | {:.2} |",
+            r.relay,
+            r.sent,
+            r.delivered,
+            r.lost_emitter,
+            r.lost_after,
+            r.latency_us[0],
+            r.latency_us[1],
+            r.latency_us[2],
+            r.relay_cpu_us,
+            r.relay_rss_mib,
+            r.subscriber_cpu_us
+        );
+    }
+    if let [ours, peer] = rows {
+        let q = |a: f64, b: f64| {
+            if b > 0.0 {
+                format!("{:.2}", a / b)
+            } else {
+                "-".into()
+            }
+        };
+        let _ = writeln!(
+            s,
+            "| fpm / dynamo | | {} | | | {} | {} | {} | {} | {} | {} |",
+            q(ours.delivered as f64, peer.delivered as f64),
+            q(ours.latency_us[0], peer.latency_us[0]),
+            q(ours.latency_us[1], peer.latency_us[1]),
+            q(ours.latency_us[2], peer.latency_us[2]),
+            q(ours.relay_cpu_us, peer.relay_cpu_us),
+            q(ours.relay_rss_mib, peer.relay_rss_mib),
+            q(ours.subscriber_cpu_us, peer.subscriber_cpu_us)
+        );
+    }
+    s
+}
+
+fn machine() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let nats = Command::new("nats-server")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    format!(
+        "{cores} cores, Linux {kernel}, {nats}, fpm {}",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+/// Runs `fpm bench`.
+///
+/// # Errors
+/// A stage that cannot start, or results that cannot be written.
+pub fn run(args: BenchArgs) -> Result<()> {
+    if args.duration.is_zero() {
+        bail!("--duration must be positive");
+    }
+    let tmp = tempfile::Builder::new().prefix("fpm-bench-").tempdir()?;
+    let mut report = format!(
+        "# fpm bench\n\nMachine: {}. Each rate driven for {:.1} s through emitter → relay process → nats-server → subscriber, all on this machine. Latency: submit on the scheduler thread → receipt by the subscriber (one clock). Relay CPU and peak RSS from /proc of the relay process; subscriber CPU from its thread.\n",
+        machine(),
+        args.duration.as_secs_f64()
+    );
+    for &rate in &args.rates {
+        let mut rows = vec![run_one(&args, rate, None, tmp.path())?];
+        if let Some(p) = args.peer {
+            rows.push(run_one(&args, rate, Some(p), tmp.path())?);
+        }
+        let t = table(rate, &rows);
+        print!("{t}");
+        report.push_str(&t);
+    }
+    if args.output_dir.as_os_str() != "off" {
+        std::fs::create_dir_all(&args.output_dir)
+            .with_context(|| format!("cannot create {}", args.output_dir.display()))?;
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let path = args.output_dir.join(format!("bench-{secs}.md"));
+        std::fs::write(&path, &report)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        println!("\nresults: {}", path.display());
+    }
+    Ok(())
+}
