@@ -1699,6 +1699,35 @@ mod demo {
         );
     }
 
+    /// No nats-server on the PATH and no --nats-url: one line says so and how to install it,
+    /// and the demo runs on the in-process event plane.
+    #[test]
+    fn without_nats_server_the_in_process_plane_is_used() {
+        let tmp = tempfile::tempdir().unwrap();
+        let empty = tempfile::tempdir().unwrap();
+        let out = demo(tmp.path())
+            .env("PATH", empty.path())
+            .args(["--duration", "2s", "--workers", "1"])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{stdout}");
+        let notice: Vec<&str> = stdout
+            .lines()
+            .filter(|l| l.contains("nats-server is not installed"))
+            .collect();
+        assert_eq!(notice.len(), 1, "{stdout}");
+        assert!(
+            notice[0].contains("apt-get install nats-server"),
+            "{stdout}"
+        );
+        assert!(stdout.contains("in-process event plane"), "{stdout}");
+        assert!(
+            stdout.lines().last().unwrap().starts_with("PASS: "),
+            "{stdout}"
+        );
+    }
+
     #[test]
     fn an_external_nats_is_used() {
         let nats = fpm_testkit::NatsServer::start();

@@ -23,8 +23,10 @@ pub struct RelayConfig {
     pub endpoint: String,
     /// Endpoint scope matches Dynamo 1.6.1; component scope matches older planners.
     pub scope: Scope,
-    /// How to reach NATS.
+    /// How to reach NATS (used when `plane` is [`EventPlane::Nats`]).
     pub nats: NatsConfig,
+    /// Where envelopes go: NATS (the default) or a channel in this process.
+    pub plane: EventPlane,
     /// Bounds of the buffer that holds messages while NATS is away.
     pub buffer: BufferLimits,
     /// Largest FPM payload accepted, in bytes; larger ones are counted as `too_large`. Frames
@@ -73,6 +75,7 @@ impl RelayConfig {
             endpoint: "generate".into(),
             scope: Scope::Endpoint,
             nats: NatsConfig::default(),
+            plane: EventPlane::Nats,
             buffer: BufferLimits::default(),
             max_payload: fpm_schema::DEFAULT_MAX_SIZE,
             publish_timeout: Duration::from_secs(2),
@@ -88,6 +91,22 @@ impl RelayConfig {
             fault_panic_reader_after: None,
         }
     }
+}
+
+/// The in-process event plane: a broadcast channel of `(subject, envelope)`. Receivers that
+/// fall behind by more than its capacity lose messages and are told how many
+/// (`RecvError::Lagged`), so they can count them.
+pub type MemoryPlane = tokio::sync::broadcast::Sender<(String, bytes::Bytes)>;
+
+/// Where the relay publishes its envelopes.
+#[derive(Debug, Clone, Default)]
+pub enum EventPlane {
+    /// The NATS server of [`RelayConfig::nats`].
+    #[default]
+    Nats,
+    /// A channel in this process (`fpm demo` without a nats-server): same subjects, same
+    /// envelopes; always "connected".
+    Memory(MemoryPlane),
 }
 
 /// Limits of the in-memory buffer between ZeroMQ and NATS. A message that would exceed

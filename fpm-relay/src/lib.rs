@@ -47,8 +47,8 @@ mod publish;
 mod relay;
 
 pub use config::{
-    ipc_endpoints, tcp_endpoints, BufferLimits, NatsAuth, NatsConfig, RelayConfig,
-    DEFAULT_TCP_PORT_BASE,
+    ipc_endpoints, tcp_endpoints, BufferLimits, EventPlane, MemoryPlane, NatsAuth, NatsConfig,
+    RelayConfig, DEFAULT_TCP_PORT_BASE,
 };
 pub use error::Error;
 pub use fpm_schema::Scope;

@@ -62,8 +62,41 @@ impl Conn {
     }
 }
 
+/// Where envelopes go.
+pub(crate) enum Sink {
+    Nats(async_nats::Client),
+    Memory(crate::MemoryPlane),
+}
+
+impl Sink {
+    fn connected(&self) -> bool {
+        match self {
+            Sink::Nats(c) => c.connection_state() == State::Connected,
+            Sink::Memory(_) => true,
+        }
+    }
+
+    async fn publish(&self, subject: async_nats::Subject, body: Bytes) -> Result<(), String> {
+        match self {
+            Sink::Nats(c) => c.publish(subject, body).await.map_err(|e| e.to_string()),
+            Sink::Memory(tx) => {
+                // No receiver is like no subscriber on NATS: published, nobody got it.
+                let _ = tx.send((subject.to_string(), body));
+                Ok(())
+            }
+        }
+    }
+
+    async fn flush(&self) -> Result<(), String> {
+        match self {
+            Sink::Nats(c) => c.flush().await.map_err(|e| e.to_string()),
+            Sink::Memory(_) => Ok(()),
+        }
+    }
+}
+
 pub(crate) struct Publisher {
-    pub client: async_nats::Client,
+    pub client: Sink,
     pub subject: async_nats::Subject,
     pub publisher_id: u64,
     pub buffer: Arc<Buffer>,
@@ -81,7 +114,7 @@ fn unix_ms() -> u64 {
 
 impl Publisher {
     fn connected(&self) -> bool {
-        let up = self.client.connection_state() == State::Connected;
+        let up = self.client.connected();
         self.metrics.connected.set(i64::from(up));
         up
     }

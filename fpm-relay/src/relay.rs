@@ -112,17 +112,23 @@ impl Relay {
         tokio::task::spawn_blocking(move || ingest::check_endpoints(&eps))
             .await
             .map_err(|e| Error::Config(format!("endpoint check task failed: {e}")))??;
-        let (servers, options) = crate::nats::prepare(&config.nats).await?;
         let metrics = Arc::new(Metrics::with_inputs(
             &config.zmq_endpoints,
             config.max_label_sets,
         ));
         let conn = Arc::new(Conn::default());
-        let (m, c) = (metrics.clone(), conn.clone());
-        let options = options.event_callback(move |event| {
-            c.on_event(&m, &event);
-            async {}
-        });
+        let nats = match &config.plane {
+            crate::EventPlane::Nats => {
+                let (servers, options) = crate::nats::prepare(&config.nats).await?;
+                let (m, c) = (metrics.clone(), conn.clone());
+                let options = options.event_callback(move |event| {
+                    c.on_event(&m, &event);
+                    async {}
+                });
+                Some((servers, options))
+            }
+            crate::EventPlane::Memory(_) => None,
+        };
 
         let listener = match config.metrics_addr {
             Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|error| {
@@ -164,15 +170,19 @@ impl Relay {
             None => None,
         };
 
-        let client = match options.connect(servers).await {
-            Ok(c) => c,
-            Err(e) => {
-                if let Some((p, _)) = &record {
-                    let p = p.clone();
-                    let _ = blocking(move || std::fs::remove_file(p)).await;
+        let client = match (nats, &config.plane) {
+            (Some((servers, options)), _) => match options.connect(servers).await {
+                Ok(c) => crate::publish::Sink::Nats(c),
+                Err(e) => {
+                    if let Some((p, _)) = &record {
+                        let p = p.clone();
+                        let _ = blocking(move || std::fs::remove_file(p)).await;
+                    }
+                    return Err(Error::Nats(e.to_string()));
                 }
-                return Err(Error::Nats(e.to_string()));
-            }
+            },
+            (None, crate::EventPlane::Memory(tx)) => crate::publish::Sink::Memory(tx.clone()),
+            (None, crate::EventPlane::Nats) => unreachable!("prepared above"),
         };
 
         let failed = CancellationToken::new();

@@ -80,7 +80,7 @@ pub struct SubscriberStats {
 /// ```
 #[derive(Debug)]
 pub struct Subscriber {
-    subs: SelectAll<async_nats::Subscriber>,
+    source: Input,
     ingest: Ingest,
     tracker: Tracker,
     slow_consumer: Arc<AtomicU64>,
@@ -88,7 +88,34 @@ pub struct Subscriber {
     last_sweep_ns: u64,
 }
 
+/// Where messages come from.
+#[derive(Debug)]
+enum Input {
+    Nats(SelectAll<async_nats::Subscriber>),
+    /// An in-process event plane (`(subject, envelope)` broadcast); no server-side subject
+    /// filtering, so other subjects are skipped here.
+    Memory(tokio::sync::broadcast::Receiver<(String, bytes::Bytes)>),
+}
+
 impl Subscriber {
+    /// Subscribes to an in-process event plane (a relay's `EventPlane::Memory` sender's
+    /// `subscribe()`). Messages on subjects outside the filter are skipped; messages lost
+    /// because this subscriber fell more than the channel's capacity behind are counted as
+    /// slow-consumer drops.
+    pub fn from_memory(
+        rx: tokio::sync::broadcast::Receiver<(String, bytes::Bytes)>,
+        config: SubscriberConfig,
+    ) -> Self {
+        Subscriber {
+            source: Input::Memory(rx),
+            ingest: Ingest::new(config.filter, config.max_payload),
+            tracker: Tracker::new(config.tracker),
+            slow_consumer: Arc::new(AtomicU64::new(0)),
+            sweep_interval_ns: config.sweep_interval.as_nanos() as u64,
+            last_sweep_ns: unix_now_ns(),
+        }
+    }
+
     /// Subscribes to every subject of `config.filter` on `client`.
     ///
     /// # Errors
@@ -102,7 +129,7 @@ impl Subscriber {
             subs.push(client.subscribe(subject).await?);
         }
         Ok(Subscriber {
-            subs,
+            source: Input::Nats(subs),
             ingest: Ingest::new(config.filter, config.max_payload),
             tracker: Tracker::new(config.tracker),
             slow_consumer: Arc::new(AtomicU64::new(0)),
@@ -115,16 +142,40 @@ impl Subscriber {
     /// the subscriptions end (client closed).
     pub async fn next(&mut self) -> Option<Sample> {
         loop {
-            let msg = self.subs.next().await?;
-            let now = unix_now_ns();
-            if now.saturating_sub(self.last_sweep_ns) >= self.sweep_interval_ns {
-                self.sweep(now);
-            }
-            if let Ok(sample) = self.ingest.ingest(msg.subject.as_str(), &msg.payload, now) {
+            let sample = match &mut self.source {
+                Input::Nats(subs) => {
+                    let msg = subs.next().await?;
+                    let now = self.maybe_sweep();
+                    self.ingest.ingest(msg.subject.as_str(), &msg.payload, now)
+                }
+                Input::Memory(rx) => match rx.recv().await {
+                    Ok((subject, body)) => {
+                        if self.ingest.filter().source_of(&subject).is_none() {
+                            continue;
+                        }
+                        let now = self.maybe_sweep();
+                        self.ingest.ingest(&subject, &body, now)
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        self.slow_consumer.fetch_add(n, Relaxed);
+                        continue;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                },
+            };
+            if let Ok(sample) = sample {
                 self.tracker.observe(&sample);
                 return Some(sample);
             }
         }
+    }
+
+    fn maybe_sweep(&mut self) -> u64 {
+        let now = unix_now_ns();
+        if now.saturating_sub(self.last_sweep_ns) >= self.sweep_interval_ns {
+            self.sweep(now);
+        }
+        now
     }
 
     /// Marks stale and removes silent streams as of `now_ns` (call it on a timer when

@@ -263,3 +263,66 @@ async fn through_dynamos_relay() {
     let _ = child.wait();
     e.shutdown(Duration::from_secs(1));
 }
+
+/// The in-process event plane (no NATS server): every message arrives; a subscriber that
+/// falls behind the channel's capacity counts what it lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_process_event_plane() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = fpm_testkit::ipc_base(dir.path(), "eng");
+    let (tx, _) = tokio::sync::broadcast::channel(1 << 16);
+    let mut sub = Subscriber::from_memory(tx.subscribe(), SubscriberConfig::new(filter("mem")));
+    let mut e = emitter(&base, "w", 0);
+    let mut cfg = RelayConfig::new(fpm_relay::ipc_endpoints(&base, &[0]));
+    cfg.namespace = "mem".into();
+    cfg.plane = fpm_relay::EventPlane::Memory(tx.clone());
+    let stop = CancellationToken::new();
+    let relay = timeout(T, Relay::start(cfg, stop.clone()))
+        .await
+        .unwrap()
+        .unwrap();
+    // Another namespace on the same plane is skipped, not counted as bad.
+    tx.send((
+        "namespace.other.component.c.endpoint.e.forward-pass-metrics".into(),
+        bytes::Bytes::from_static(b"x"),
+    ))
+    .unwrap();
+    iterate(&mut e, 300);
+    let got = take(&mut sub, 300).await;
+    let counters: Vec<i64> = got.iter().map(|s| s.metrics.counter_id).collect();
+    assert_eq!(counters, (0..300).collect::<Vec<_>>());
+    let stats = sub.stats();
+    assert_eq!(
+        (stats.received, stats.rejected.total()),
+        (300, 0),
+        "{stats:?}"
+    );
+    assert!(relay.stats().nats_connected);
+
+    // A subscriber 8 messages deep that does not read: it lags, and counts exactly what it lost.
+    let (tx2, _) = tokio::sync::broadcast::channel(8);
+    let mut slow = Subscriber::from_memory(tx2.subscribe(), SubscriberConfig::new(filter("mem")));
+    for s in &got[..50] {
+        let env = fpm_schema::Envelope {
+            publisher_id: 9,
+            sequence: s.metrics.counter_id as u64,
+            published_at: 0,
+            topic: fpm_schema::FPM_TOPIC,
+            payload: &fpm_schema::encode(&s.metrics),
+        }
+        .encode();
+        tx2.send((
+            "namespace.mem.component.backend.endpoint.generate.forward-pass-metrics".into(),
+            env.into(),
+        ))
+        .unwrap();
+    }
+    let kept = take(&mut slow, 8).await;
+    let st = slow.stats();
+    assert_eq!(st.slow_consumer_drops, 42, "{st:?}");
+    assert_eq!(kept[0].metrics.counter_id, 42);
+    assert_eq!(st.slow_consumer_drops + st.samples, 50);
+    stop.cancel();
+    timeout(T, relay.wait()).await.unwrap();
+    e.shutdown(Duration::from_secs(1));
+}

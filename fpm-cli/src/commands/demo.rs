@@ -27,8 +27,8 @@ use super::{parse_duration, shutdown_signal};
 /// Arguments of `fpm demo`.
 #[derive(Debug, Args)]
 #[command(after_help = "\
-Event plane: --nats-url when given, else a private nats-server on a free port (it must be
-installed: apt-get install nats-server). Everything the demo starts is stopped when it ends,
+Event plane: --nats-url when given, else a private nats-server on a free port, else (no
+nats-server installed) an in-process event plane, said in one line. Everything the demo starts is stopped when it ends,
 also on Ctrl-C, and its temporary directory is removed. Exit 0 only when the verdict is PASS.")]
 pub struct DemoArgs {
     /// How long the fleet runs.
@@ -59,6 +59,12 @@ pub struct DemoArgs {
     /// How often the live table is redrawn.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub interval: Duration,
+}
+
+/// Where the relays publish and the subscriber reads.
+enum Plane {
+    Nats(String),
+    Memory(fpm_relay::MemoryPlane),
 }
 
 /// A child process killed (and waited for) when dropped.
@@ -158,21 +164,35 @@ pub fn run(args: DemoArgs) -> Result<()> {
         .prefix("fpm-demo-")
         .tempdir()
         .context("cannot create a temporary directory")?;
-    // The event plane.
-    let (nats_url, _nats) = match &args.nats_url {
-        Some(u) => (u.clone(), None),
+    // The event plane: --nats-url, else a private nats-server, else one in this process.
+    let (plane, _nats) = match &args.nats_url {
+        Some(u) => (Plane::Nats(u.clone()), None),
         None => match fpm_relay::nats::spawn_local_server(tmp.path(), None) {
-            Ok((child, port)) => (format!("nats://127.0.0.1:{port}"), Some(Child(child))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => anyhow::bail!(
-                "nats-server is not installed: apt-get install nats-server (or pass --nats-url)"
+            Ok((child, port)) => (
+                Plane::Nats(format!("nats://127.0.0.1:{port}")),
+                Some(Child(child)),
             ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                println!(
+                    "nats-server is not installed (apt-get install nats-server, or pass --nats-url): \
+                     using an in-process event plane instead"
+                );
+                (
+                    Plane::Memory(tokio::sync::broadcast::channel(1 << 16).0),
+                    None,
+                )
+            }
             Err(e) => return Err(e).context("cannot start a private nats-server"),
         },
+    };
+    let plane_name = match &plane {
+        Plane::Nats(u) => u.clone(),
+        Plane::Memory(_) => "the in-process event plane".to_owned(),
     };
     let namespace = format!("fpm-demo-{}", std::process::id());
     let cost = CostModel::default();
     println!(
-        "fpm demo: {} workers x {} dp ranks for {:.0} s; relays -> {nats_url} (namespace {namespace})",
+        "fpm demo: {} workers x {} dp ranks for {:.0} s; relays -> {plane_name} (namespace {namespace})",
         args.workers,
         args.dp_size,
         args.duration.as_secs_f64()
@@ -189,11 +209,20 @@ pub fn run(args: DemoArgs) -> Result<()> {
         // The subscriber first, so it sees every stream from its first message.
         let filter = SubjectFilter::parse(&namespace, "*", "*", ScopeFilter::Endpoint)
             .map_err(|e| anyhow::anyhow!(e))?;
-        let client = async_nats::connect(&nats_url)
-            .await
-            .with_context(|| format!("cannot connect to NATS at {nats_url}"))?;
-        let mut sub = Subscriber::subscribe(&client, SubscriberConfig::new(filter)).await?;
-        client.flush().await.context("NATS flush")?;
+        let (client, mut sub) = match &plane {
+            Plane::Nats(url) => {
+                let client = async_nats::connect(url)
+                    .await
+                    .with_context(|| format!("cannot connect to NATS at {url}"))?;
+                let sub = Subscriber::subscribe(&client, SubscriberConfig::new(filter)).await?;
+                client.flush().await.context("NATS flush")?;
+                (Some(client), sub)
+            }
+            Plane::Memory(tx) => (
+                None,
+                Subscriber::from_memory(tx.subscribe(), SubscriberConfig::new(filter)),
+            ),
+        };
         let mut models = ModelSet::new(
             &ModelConfig {
                 max_samples: args.max_samples as usize,
@@ -210,7 +239,10 @@ pub fn run(args: DemoArgs) -> Result<()> {
             let ranks: Vec<u32> = (0..args.dp_size).collect();
             let mut rc = RelayConfig::new(fpm_relay::ipc_endpoints(&base, &ranks));
             rc.namespace.clone_from(&namespace);
-            rc.nats.url.clone_from(&nats_url);
+            match &plane {
+                Plane::Nats(url) => rc.nats.url.clone_from(url),
+                Plane::Memory(tx) => rc.plane = fpm_relay::EventPlane::Memory(tx.clone()),
+            }
             rc.metrics_addr = None;
             relays.push(Relay::start(rc, relay_stop.clone()).await?);
             let mut sc = SimConfig::new(Endpoint::IpcBase(base), format!("demo-worker-{w}"));
@@ -304,7 +336,9 @@ pub fn run(args: DemoArgs) -> Result<()> {
             relay_stats.push(r.wait().await);
         }
         models.tick();
-        let _ = tokio::time::timeout(Duration::from_secs(2), client.drain()).await;
+        if let Some(client) = client {
+            let _ = tokio::time::timeout(Duration::from_secs(2), client.drain()).await;
+        }
         anyhow::Ok((reports, relay_stats, sub, models, records, interrupted))
     });
     stop.store(true, Ordering::Relaxed);
