@@ -21,6 +21,9 @@ use crate::metrics::Metrics;
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 5\r\nConnection: close\r\n\r\nbusy\n";
+/// How long a refused connection is kept to read its request away (so closing it does not
+/// reset the connection before the client reads the 503).
+const BUSY_DRAIN: Duration = Duration::from_millis(500);
 /// How long writing a response may take.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -101,6 +104,7 @@ pub async fn serve<S: Status>(
     cancel: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let busy = Arc::new(Semaphore::new(limits.max_connections));
     loop {
         let (stream, _) = tokio::select! {
             biased;
@@ -116,9 +120,33 @@ pub async fn serve<S: Status>(
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             health.rejected();
-            // A fresh socket's send buffer takes this at once; never wait on it.
-            let _ = stream.try_write(BUSY);
-            drop(stream);
+            // Answer 503 and close. Closing with the client's request unread would reset the
+            // connection (RST) and the client might never see the 503, so a bounded pool of
+            // short-lived responders reads the request away first (at most BUSY_DRAIN long);
+            // when that pool is full too, the connection is just closed.
+            match busy.clone().try_acquire_owned() {
+                Ok(p) => {
+                    tokio::spawn(async move {
+                        let mut stream = stream;
+                        let _ = stream.try_write(BUSY);
+                        let _ = stream.shutdown().await;
+                        let mut sink = [0u8; 1024];
+                        let _ = tokio::time::timeout(BUSY_DRAIN, async {
+                            while let Ok(n) = stream.read(&mut sink).await {
+                                if n == 0 {
+                                    break;
+                                }
+                            }
+                        })
+                        .await;
+                        drop(p);
+                    });
+                }
+                Err(_) => {
+                    let _ = stream.try_write(BUSY);
+                    drop(stream);
+                }
+            }
             continue;
         };
         let health = health.clone();
