@@ -13,6 +13,7 @@ DYN_FILE_KV=<dir>, NATS_SERVER=nats://127.0.0.1:<port> and DYN_LOG=error.
   sglang-publish the real sglang _FpmPublisherThread publishing K messages on ipc://...
   vllm-publish   a pyzmq PUB bound like Dynamo's vLLM scheduler (tcp://*:{base+rank}).
   dynamo-relay   Dynamo's own FpmEventRelay + a recv-mode subscriber in one process.
+  sglang-publish-cost  time SGLang's _FpmPublisherThread.publish() (scheduler-side cost).
   dynamo-relay-only   Dynamo's own FpmEventRelay alone, until SIGTERM (for `fpm bench --peer dynamo`).
 
 Output lines:
@@ -230,6 +231,49 @@ def cmd_sglang_publish(a) -> None:
     emit({"sent": a.count, "summary": {"sent": a.count}})
 
 
+def cmd_sglang_publish_cost(a) -> None:
+    """Scheduler-side cost of SGLang's `_FpmPublisherThread.publish()` (the queue hand-over),
+    in batches of 1,000 calls with the queue drained between batches (so every call is a real
+    enqueue, not a full-queue early return). Median of the batches, ns per call; also the
+    cost of building the ForwardPassMetrics and publishing it."""
+    import statistics
+    import tempfile
+
+    sgl = upstream.load("sglang")
+    with tempfile.TemporaryDirectory() as d:
+        pub = sgl._FpmPublisherThread(f"ipc://{d}/cost", "bench-worker", 0)
+        sched = sgl.ScheduledRequestMetrics(num_decode_requests=8, sum_decode_kv_tokens=9000)
+        queued = sgl.QueuedRequestMetrics()
+        m = sgl.ForwardPassMetrics(worker_id="bench-worker", dp_rank=0, wall_time=0.01,
+                                   scheduled_requests=sched, queued_requests=queued)
+
+        def drain() -> None:
+            while not pub._queue.empty():
+                time.sleep(0.001)
+
+        def batches(build: bool) -> float:
+            res = []
+            for _ in range(a.batches):
+                drain()
+                t0 = time.perf_counter_ns()
+                if build:
+                    for _ in range(1000):
+                        pub.publish(sgl.ForwardPassMetrics(
+                            worker_id="bench-worker", dp_rank=0, wall_time=0.01,
+                            scheduled_requests=sched, queued_requests=queued))
+                else:
+                    for _ in range(1000):
+                        pub.publish(m)
+                res.append((time.perf_counter_ns() - t0) / 1000)
+            return statistics.median(res)
+
+        publish_ns = batches(False)
+        build_ns = batches(True)
+        drain()
+        pub.shutdown()
+    emit({"publish_ns": round(publish_ns, 1), "build_and_publish_ns": round(build_ns, 1)})
+
+
 def cmd_vllm_publish(a) -> None:
     import zmq
 
@@ -342,6 +386,9 @@ def main() -> None:
     r.add_argument("--zmq-endpoint", action="append", required=True)
     r.add_argument("--count", type=int, required=True)
 
+    pc = sp.add_parser("sglang-publish-cost")
+    pc.add_argument("--batches", type=int, default=20)
+
     ro = sp.add_parser("dynamo-relay-only")
     names(ro)
     ro.add_argument("--zmq-endpoint", action="append", required=True)
@@ -357,6 +404,8 @@ def main() -> None:
         cmd_vllm_publish(a)
     elif a.cmd == "dynamo-relay":
         asyncio.run(cmd_dynamo_relay(a))
+    elif a.cmd == "sglang-publish-cost":
+        cmd_sglang_publish_cost(a)
     elif a.cmd == "dynamo-relay-only":
         asyncio.run(cmd_dynamo_relay_only(a))
     finish(0)

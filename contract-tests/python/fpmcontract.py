@@ -977,7 +977,7 @@ def bench(mod, iterations: int, repeats: int = 5) -> dict[str, Any]:
     assert bytes(buf) == data, "encode_into wrote other bytes"
     decode_ns = best(decode_loop)
     return {"module": mod.__fpm_name__, "encode_ns": round(encode_ns, 1), "encode_into_ns": round(encode_into_ns, 1),
-            "decode_ns": round(decode_ns, 1),
+            "decode_ns": round(decode_ns, 1), "hex": data.hex(),
             "bytes": len(data), "iterations": iterations, "repeats": repeats,
             "msgspec": msgspec.__version__, "python": sys.version.split()[0]}  # fmt: skip
 

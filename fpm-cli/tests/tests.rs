@@ -1775,16 +1775,16 @@ mod bench {
             .find(|l| l.starts_with("| fpm |"))
             .unwrap_or_else(|| panic!("no row: {stdout}"));
         let cells: Vec<&str> = row.split('|').map(str::trim).collect();
-        // | fpm | sent | delivered | lost emitter | lost after | p50 | p99 | p99.9 | cpu | rss | sub cpu |
+        // | fpm | sent | delivered | lost emitter | lost after | relay's | p50 | p99 | p99.9 | cpu | rss | sub cpu |
         let sent: u64 = cells[2].parse().unwrap();
         let delivered: u64 = cells[3].parse().unwrap();
         assert!(sent >= 1900, "{row}");
         assert_eq!(delivered, sent, "{row}");
-        assert_eq!((cells[4], cells[5]), ("0", "0"), "{row}");
-        let p50: f64 = cells[6].parse().unwrap();
-        let p999: f64 = cells[8].parse().unwrap();
+        assert_eq!((cells[4], cells[5], cells[6]), ("0", "0", "0"), "{row}");
+        let p50: f64 = cells[7].parse().unwrap();
+        let p999: f64 = cells[9].parse().unwrap();
         assert!(p50 > 0.0 && p999 >= p50, "{row}");
-        let rss: f64 = cells[10].parse().unwrap();
+        let rss: f64 = cells[11].parse().unwrap();
         assert!(rss > 1.0, "{row}");
         let files: Vec<_> = std::fs::read_dir(out_dir.path())
             .unwrap()

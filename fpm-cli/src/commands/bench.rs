@@ -92,6 +92,8 @@ pub struct Row {
     pub lost_emitter: u64,
     /// Lost between the emitter's socket and the subscriber (relay, NATS, subscriber).
     pub lost_after: u64,
+    /// Of those, dropped or rejected by the relay by its own count (ours only).
+    pub lost_relay: Option<u64>,
     /// Latency quantiles, microseconds: p50, p99, p99.9.
     pub latency_us: [f64; 3],
     /// Relay CPU time per delivered message, microseconds.
@@ -297,12 +299,16 @@ fn run_one(args: &BenchArgs, rate: BenchRate, peer: Option<Peer>, tmp: &Path) ->
     cfg.queue_capacity = 100_000;
     let mut emitter = Emitter::start(cfg)?;
     let sub = SubscriberThread::start(&nats_url)?;
+    let metrics_addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()?.to_string()
+    };
     let relay = match peer {
         None => Child(
             Command::new(std::env::current_exe()?)
                 .args(["-q", "relay", "--zmq-endpoint", &endpoint])
                 .args(["--namespace", "bench", "--nats-url", &nats_url])
-                .args(["--metrics-addr", "off"])
+                .args(["--metrics-addr", &metrics_addr])
                 .stdout(Stdio::null())
                 .spawn()
                 .context("cannot start the relay")?,
@@ -348,6 +354,7 @@ fn run_one(args: &BenchArgs, rate: BenchRate, peer: Option<Peer>, tmp: &Path) ->
     let dropped_before = emitter.stats().dropped.total();
     let count_before = sub.count.load(Ordering::Relaxed);
     let relay_cpu0 = process_cpu_s(relay_pid);
+    let relay_counts0 = relay_counts(&metrics_addr, peer);
     let sub_cpu0 = sub.cpu_ns.load(Ordering::Relaxed);
     // Drive.
     let mut submitted_at: Vec<Instant> = Vec::with_capacity(1 << 20);
@@ -381,6 +388,10 @@ fn run_one(args: &BenchArgs, rate: BenchRate, peer: Option<Peer>, tmp: &Path) ->
         }
     }
     let relay_cpu = process_cpu_s(relay_pid) - relay_cpu0;
+    let lost_relay = match (relay_counts0, relay_counts(&metrics_addr, peer)) {
+        (Some((r0, p0)), Some((r1, p1))) => Some((r1 - r0).saturating_sub(p1 - p0)),
+        _ => None,
+    };
     let relay_rss = process_peak_rss_mib(relay_pid);
     let sub_cpu = sub.cpu_ns.load(Ordering::Relaxed).saturating_sub(sub_cpu0);
     let lost_emitter = emitter.stats().dropped.total() - dropped_before;
@@ -412,6 +423,7 @@ fn run_one(args: &BenchArgs, rate: BenchRate, peer: Option<Peer>, tmp: &Path) ->
         delivered,
         lost_emitter,
         lost_after: sent.saturating_sub(delivered + lost_emitter),
+        lost_relay,
         latency_us: [
             quantile(&latencies, 0.5),
             quantile(&latencies, 0.99),
@@ -421,6 +433,29 @@ fn run_one(args: &BenchArgs, rate: BenchRate, peer: Option<Peer>, tmp: &Path) ->
         relay_rss_mib: relay_rss,
         subscriber_cpu_us: per(sub_cpu as f64 / 1e3),
     })
+}
+
+/// Our relay's (received, published) from its /metrics; `None` for the peer or on failure.
+fn relay_counts(addr: &str, peer: Option<Peer>) -> Option<(u64, u64)> {
+    use std::io::{Read, Write};
+    if peer.is_some() {
+        return None;
+    }
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let value = |name: &str| -> Option<u64> {
+        text.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    };
+    Some((
+        value("fpm_relay_received_messages_total")?,
+        value("fpm_relay_published_messages_total")?,
+    ))
 }
 
 /// The contract venv's python (made by `contract-tests/setup.sh`, which this runs).
@@ -448,21 +483,22 @@ fn table(rate: BenchRate, rows: &[Row]) -> String {
     let _ = writeln!(s, "\n### {rate}\n");
     let _ = writeln!(
         s,
-        "| relay | sent | delivered | lost: emitter | lost: relay/NATS/subscriber | latency p50 µs | p99 µs | p99.9 µs | relay CPU µs/msg | relay peak RSS MiB | subscriber CPU µs/msg |"
+        "| relay | sent | delivered | lost: emitter | lost: after the emitter | of which the relay's own count | latency p50 µs | p99 µs | p99.9 µs | relay CPU µs/msg | relay peak RSS MiB | subscriber CPU µs/msg |"
     );
     let _ = writeln!(
         s,
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     for r in rows {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.2} | {:.1} | {:.2} |",
+            "| {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.2} | {:.1} | {:.2} |",
             r.relay,
             r.sent,
             r.delivered,
             r.lost_emitter,
             r.lost_after,
+            r.lost_relay.map_or("-".into(), |n| n.to_string()),
             r.latency_us[0],
             r.latency_us[1],
             r.latency_us[2],
@@ -481,7 +517,7 @@ fn table(rate: BenchRate, rows: &[Row]) -> String {
         };
         let _ = writeln!(
             s,
-            "| fpm / dynamo | | {} | | | {} | {} | {} | {} | {} | {} |",
+            "| fpm / dynamo | | {} | | | | {} | {} | {} | {} | {} | {} |",
             q(ours.delivered as f64, peer.delivered as f64),
             q(ours.latency_us[0], peer.latency_us[0]),
             q(ours.latency_us[1], peer.latency_us[1]),
@@ -511,6 +547,134 @@ fn machine() -> String {
     )
 }
 
+/// A number from a one-line JSON object printed by a helper script.
+fn json_field(text: &str, key: &str) -> Option<f64> {
+    let v: serde_json::Value = serde_json::from_str(text.lines().last()?).ok()?;
+    v.get(key)?.as_f64()
+}
+
+/// The scheduler-side cost of our `submit` (median of 20 batches of 1,000, the queue drained
+/// between batches so every call is a real hand-over), ns per call.
+fn submit_cost_ns(tmp: &Path) -> Result<f64> {
+    let endpoint = format!("ipc://{}", tmp.join("cost.0").display());
+    let mut cfg = EmitterConfig::new(Endpoint::Exact(endpoint), "bench-worker", 0)
+        .with_clock(ClockChoice::Cpu);
+    cfg.first_subscriber_wait = Duration::ZERO;
+    let mut e = Emitter::start(cfg)?;
+    let (sched, queued) = (batch(1), QueuedRequestMetrics::default());
+    let mut per_call = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        while e.stats().pending_timings > 0 && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let t = Instant::now();
+        for _ in 0..1000 {
+            std::hint::black_box(e.submit(std::hint::black_box(sched), queued));
+        }
+        per_call.push(t.elapsed().as_nanos() as f64 / 1000.0);
+    }
+    e.shutdown(Duration::from_millis(100));
+    per_call.sort_by(f64::total_cmp);
+    Ok(per_call[per_call.len() / 2])
+}
+
+/// Best of 5 runs of `n` calls, ns per call.
+fn best_ns(n: u32, mut f: impl FnMut()) -> f64 {
+    (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            for _ in 0..n {
+                f();
+            }
+            t.elapsed().as_nanos() as f64 / f64::from(n)
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// Same-run comparisons with the upstream Python code (needs the contract venv): the
+/// scheduler-side hand-over against SGLang's `_FpmPublisherThread.publish()`, and the codec
+/// against msgspec, like for like.
+fn upstream_comparisons(tmp: &Path) -> Result<String> {
+    let py = python()?;
+    let mut s =
+        String::from("\n### Same run: scheduler-side hand-over and codec vs upstream Python\n\n");
+    let _ = writeln!(s, "| what | fpm | upstream | upstream / fpm |");
+    let _ = writeln!(s, "| --- | ---: | ---: | ---: |");
+    let out = Command::new(&py)
+        .args(["interop/dynamo_peer.py", "sglang-publish-cost"])
+        .output()
+        .context("cannot time SGLang's publisher")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let ours = submit_cost_ns(tmp)?;
+    if let (Some(p), Some(bp)) = (
+        json_field(&text, "publish_ns"),
+        json_field(&text, "build_and_publish_ns"),
+    ) {
+        let _ = writeln!(
+            s,
+            "| per-iteration hand-over: `Emitter::submit` vs SGLang `_FpmPublisherThread.publish()` | {ours:.0} ns | {p:.0} ns | {:.1}x |",
+            p / ours
+        );
+        let _ = writeln!(
+            s,
+            "| … SGLang building the ForwardPassMetrics and publishing it | | {bp:.0} ns | {:.1}x |",
+            bp / ours
+        );
+    } else {
+        let _ = writeln!(s, "| SGLang publisher timing failed | | | |");
+    }
+    let iterations = 200_000u32;
+    let out = Command::new(&py)
+        .args([
+            "contract-tests/python/fpmcontract.py",
+            "bench",
+            "--module",
+            "dynamo",
+        ])
+        .args(["--iterations", &iterations.to_string()])
+        .output()
+        .context("cannot time msgspec")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let hex = serde_json::from_str::<serde_json::Value>(text.lines().last().unwrap_or(""))
+        .ok()
+        .and_then(|v| v.get("hex").and_then(|h| h.as_str()).map(str::to_owned))
+        .context("msgspec timing printed no message")?;
+    let bytes: Vec<u8> = (0..hex.len() / 2)
+        .filter_map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok())
+        .collect();
+    let m = fpm_schema::decode(&bytes).context("msgspec's bench message does not decode")?;
+    let mut buf = Vec::with_capacity(1024);
+    let enc = best_ns(iterations, || {
+        fpm_schema::encode_into(std::hint::black_box(&m), &mut buf)
+    });
+    let dec = best_ns(iterations, || {
+        std::hint::black_box(fpm_schema::decode(std::hint::black_box(&bytes)).ok());
+    });
+    for (what, ours, key) in [
+        (
+            "encode into a reused buffer (msgspec `Encoder.encode_into`)",
+            enc,
+            "encode_into_ns",
+        ),
+        (
+            "decode to a new struct (msgspec `Decoder(ForwardPassMetrics).decode`)",
+            dec,
+            "decode_ns",
+        ),
+    ] {
+        if let Some(t) = json_field(&text, key) {
+            let _ = writeln!(
+                s,
+                "| {what}, {} B | {ours:.1} ns | {t:.1} ns | {:.1}x |",
+                bytes.len(),
+                t / ours
+            );
+        }
+    }
+    Ok(s)
+}
+
 /// Runs `fpm bench`.
 ///
 /// # Errors
@@ -533,6 +697,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let t = table(rate, &rows);
         print!("{t}");
         report.push_str(&t);
+    }
+    if args.peer.is_some() {
+        let t = upstream_comparisons(tmp.path())?;
+        print!("{t}");
+        report.push_str(&t);
+    } else {
+        println!("\n(same-run comparisons with SGLang's publisher and msgspec: add --peer dynamo)");
     }
     if args.output_dir.as_os_str() != "off" {
         std::fs::create_dir_all(&args.output_dir)
