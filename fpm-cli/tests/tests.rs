@@ -1807,3 +1807,63 @@ mod bench {
         assert!(err.contains("--rates"), "{err}");
     }
 }
+
+/// `fpm bench --peer dynamo`: Dynamo's own relay in the same run, and the same-run
+/// comparisons with SGLang's publisher and msgspec.
+mod bench_peer {
+    use std::process::Command;
+
+    #[test]
+    fn side_by_side_with_dynamos_relay() {
+        if fpm_testkit::python().is_none() {
+            return;
+        }
+        let out_dir = tempfile::tempdir().unwrap();
+        let o = Command::new(env!("CARGO_BIN_EXE_fpm"))
+            .current_dir(fpm_testkit::repo_root())
+            .args([
+                "-q",
+                "bench",
+                "--rates",
+                "1000",
+                "--duration",
+                "1s",
+                "--peer",
+                "dynamo",
+            ])
+            .arg("--output-dir")
+            .arg(out_dir.path())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success(),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let cells = |prefix: &str| -> Vec<String> {
+            stdout
+                .lines()
+                .find(|l| l.starts_with(prefix))
+                .unwrap_or_else(|| panic!("no {prefix} row: {stdout}"))
+                .split('|')
+                .map(|c| c.trim().to_owned())
+                .collect()
+        };
+        let ours = cells("| fpm |");
+        let dynamo = cells("| dynamo |");
+        for row in [&ours, &dynamo] {
+            assert_eq!(row[2], row[3], "sent != delivered: {row:?}");
+        }
+        assert_eq!(dynamo[6], "-"); // no relay counters from Dynamo's relay
+        let ratio = cells("| fpm / dynamo |");
+        assert_eq!(ratio[3], "1.00", "{ratio:?}");
+        let submit = cells("| per-iteration hand-over");
+        assert!(
+            submit[2].ends_with(" ns") && submit[3].ends_with(" ns"),
+            "{submit:?}"
+        );
+        let codec = cells("| decode to a new struct");
+        assert!(codec[4].ends_with('x'), "{codec:?}");
+    }
+}
