@@ -407,6 +407,12 @@ pub fn run(args: DemoArgs) -> Result<()> {
             }
             Err(e) => println!("  {kind:<7} no fit: {e}"),
         }
+        if kind == ModelKind::Decode {
+            println!(
+                "          (Dynamo fits the decode model on decode-only workers; in this aggregated \
+                 fleet prefill iterations confound it: the agg model is the one to compare)"
+            );
+        }
     }
     if let Some(path) = &args.plot {
         if records.is_empty() {
