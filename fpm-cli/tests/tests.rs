@@ -1424,6 +1424,17 @@ mod fit {
     use fpm_schema::ForwardPassMetrics;
     use fpm_subscriber::record::{Record, RecordWriter};
 
+    /// Appends message `i` (received at `i` ns, relay 1, sequence `i`).
+    fn append(w: &mut RecordWriter, i: i64, metrics: ForwardPassMetrics) {
+        w.write(&Record {
+            received_at_ns: i as u64,
+            publisher_id: 1,
+            sequence: i as u64,
+            metrics,
+        })
+        .unwrap();
+    }
+
     /// A recording whose wall_time is exactly 3 ms + 1e-5 s per prefill token + 2e-8 s per
     /// decode KV token + 1e-4 s per decode request, with heartbeats in between.
     fn recording(path: &std::path::Path) {
@@ -1446,13 +1457,7 @@ mod fit {
                     + 2e-8 * s.sum_decode_kv_tokens as f64
                     + 1e-4 * s.num_decode_requests as f64;
             }
-            w.write(&Record {
-                received_at_ns: i as u64,
-                publisher_id: 1,
-                sequence: i as u64,
-                metrics: m,
-            })
-            .unwrap();
+            append(&mut w, i, m);
         }
         w.flush().unwrap();
     }
@@ -1545,13 +1550,7 @@ mod fit {
             m.scheduled_requests.num_prefill_requests = 1;
             m.scheduled_requests.sum_prefill_tokens = 64 * (i % 37 + 1);
             m.wall_time = 0.002 + 3e-6 * m.scheduled_requests.sum_prefill_tokens as f64;
-            w.write(&Record {
-                received_at_ns: i as u64,
-                publisher_id: 1,
-                sequence: i as u64,
-                metrics: m,
-            })
-            .unwrap();
+            append(&mut w, i, m);
         }
         w.flush().unwrap();
         let (code, out, err) = fit(&rec, &["--model", "prefill", "--json"]);
