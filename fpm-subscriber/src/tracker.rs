@@ -8,6 +8,8 @@
 //!   a reordered message: neither overwrites the newer latest;
 //! - `c == 0`, or `c < last - window`, is a producer restart: counted, and the stream starts
 //!   over from `c` (a restart whose first counter is `c > 0` also counts `missed_before_start`).
+//!   Except a copy: counter 0 carrying the same message as the current run's first, through
+//!   another relay (two relays on one engine), is a reordered copy.
 //!
 //! A stream silent for `stale_after` (heartbeats keep it alive) is reported stale, and removed
 //! after `remove_after`; its counts stay in the totals. At most `max_streams` streams are
@@ -155,6 +157,11 @@ pub struct StreamState {
     /// Recent iterations: (receive time ns, wall_time s), oldest first.
     recent: VecDeque<(u64, f64)>,
     recent_cap: usize,
+    /// The first counter of the current producer run, its message's fingerprint and the relay
+    /// it came through: a late copy of counter 0 — the same message through another relay
+    /// (two relays on one engine) — is a reordered copy, not a restart. (An engine restart
+    /// comes through the same relay.)
+    epoch_start: Option<(i64, u64, u64)>,
 }
 
 impl StreamState {
@@ -196,6 +203,35 @@ impl StreamState {
         let rank = ((q.clamp(0.0, 1.0) * v.len() as f64).ceil() as usize).clamp(1, v.len());
         Some(v[rank - 1])
     }
+}
+
+/// A cheap fingerprint of a message's content (to tell a copy from a new message with the same
+/// counter).
+fn fingerprint(m: &ForwardPassMetrics) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    m.counter_id.hash(&mut h);
+    m.wall_time.to_bits().hash(&mut h);
+    let s = &m.scheduled_requests;
+    (
+        s.num_prefill_requests,
+        s.sum_prefill_tokens,
+        s.sum_prefill_kv_tokens,
+        s.num_decode_requests,
+        s.sum_decode_kv_tokens,
+    )
+        .hash(&mut h);
+    s.var_prefill_length.to_bits().hash(&mut h);
+    s.var_decode_kv_tokens.to_bits().hash(&mut h);
+    let q = &m.queued_requests;
+    (
+        q.num_prefill_requests,
+        q.sum_prefill_tokens,
+        q.num_decode_requests,
+        q.sum_decode_kv_tokens,
+    )
+        .hash(&mut h);
+    h.finish()
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -290,7 +326,13 @@ impl Tracker {
             } else if c == last {
                 st.counts.duplicates += 1;
                 Observation::Duplicate
-            } else if c == 0 || last.saturating_sub(c) as u64 > window || c < 0 {
+            } else if (c == 0
+                && !st.epoch_start.is_some_and(|(c0, f, p)| {
+                    c0 == 0 && f == fingerprint(&s.metrics) && p != s.publisher_id
+                }))
+                || last.saturating_sub(c) as u64 > window
+                || c < 0
+            {
                 st.counts.restarts += 1;
                 let missed = c.max(0) as u64;
                 st.counts.missed_before_start += missed;
@@ -299,6 +341,9 @@ impl Tracker {
                 st.counts.reordered += 1;
                 Observation::Reordered
             };
+            if let Observation::Restart { .. } = obs {
+                st.epoch_start = Some((c, fingerprint(&s.metrics), s.publisher_id));
+            }
             if obs.applied() {
                 st.latest = s.metrics.clone();
                 st.source = s.source.clone();
@@ -339,6 +384,7 @@ impl Tracker {
                 stale: false,
                 recent,
                 recent_cap: cap,
+                epoch_start: Some((c, fingerprint(&s.metrics), s.publisher_id)),
             },
         );
         Observation::First { missed }
@@ -550,6 +596,42 @@ mod tests {
                 missed_before_start: 8,
             }
         );
+    }
+
+    /// Two relays on one engine: the second copy of counter 0 (the same message, through
+    /// the other relay) arriving after newer counters is a reordered copy, not a restart; a
+    /// counter 0 through the same relay is a restart, even when it is the same (idle
+    /// heartbeat) message.
+    #[test]
+    fn a_late_copy_of_counter_zero_is_not_a_restart() {
+        let via = |relay: u64, mut s: Sample| {
+            s.publisher_id = relay;
+            s
+        };
+        let mut t = Tracker::new(TrackerConfig::default());
+        for c in 0..5 {
+            t.observe(&via(1, sample("w", 0, c, 0.01 + c as f64 * 1e-3, c as u64)));
+        }
+        assert_eq!(
+            t.observe(&via(2, sample("w", 0, 0, 0.01, 6))),
+            Observation::Reordered
+        );
+        assert_eq!(t.get("w", 0).unwrap().counts.restarts, 0);
+        // The engine restarts and sends the same first message through relay 1: a restart.
+        assert_eq!(
+            t.observe(&via(1, sample("w", 0, 0, 0.01, 7))),
+            Observation::Restart { missed: 0 }
+        );
+        // Another message with counter 0 through relay 2: a restart too.
+        assert_eq!(
+            t.observe(&via(1, sample("w", 0, 1, 0.2, 8))),
+            Observation::InOrder
+        );
+        assert_eq!(
+            t.observe(&via(2, sample("w", 0, 0, 0.7, 9))),
+            Observation::Restart { missed: 0 }
+        );
+        assert_eq!(t.get("w", 0).unwrap().counts.restarts, 2);
     }
 
     #[test]
