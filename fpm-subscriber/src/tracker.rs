@@ -4,12 +4,15 @@
 //! Rules, per stream, on the engine's `counter_id`:
 //! - the first message of a stream with counter `c > 0` counts `c` as `missed_before_start`;
 //! - `c == last + 1` is in order; `c > last + 1` counts `c - last - 1` messages as a gap;
-//! - `c == last` is a duplicate (e.g. two relays on one engine) and `last - window ≤ c < last`
-//!   a reordered message: neither overwrites the newer latest;
-//! - `c == 0`, or `c < last - window`, is a producer restart: counted, and the stream starts
-//!   over from `c` (a restart whose first counter is `c > 0` also counts `missed_before_start`).
-//!   Except a copy: counter 0 carrying the same message as the current run's first, through
-//!   another relay (two relays on one engine), is a reordered copy.
+//! - `c == last` is a duplicate (e.g. two relays on one engine);
+//! - `c < last` through another relay than the latest message's (`publisher_id`), within
+//!   `window`: a message that relay delivers late — if it was missing, it is taken back out of
+//!   `gap_messages` (or `missed_before_start`) and counted `late`, else it is a `reordered`
+//!   copy; either way it does not overwrite the newer latest. (One relay delivers an engine's
+//!   messages in order, so older counters only arrive late through another one.)
+//! - `c < last` through the same relay, or further back than `window`, is a producer
+//!   restart: counted, and the stream starts over from `c` (a restart whose first counter is
+//!   `c > 0` also counts `missed_before_start`).
 //!
 //! A stream silent for `stale_after` (heartbeats keep it alive) is reported stale, and removed
 //! after `remove_after`; its counts stay in the totals. At most `max_streams` streams are
@@ -77,8 +80,11 @@ pub struct LossCounts {
     pub gaps: u64,
     /// Duplicated counters.
     pub duplicates: u64,
-    /// Counters older than the latest (not applied).
+    /// Counters older than the latest that were already received (copies), not applied.
     pub reordered: u64,
+    /// Messages that arrived after a newer one, into a gap already counted: taken back out
+    /// of `gap_messages` (within the reorder window), not applied as the latest.
+    pub late: u64,
     /// Producer restarts.
     pub restarts: u64,
     /// Messages the producer sent before this subscriber saw the stream (first counter > 0).
@@ -94,6 +100,7 @@ impl LossCounts {
         self.gaps += o.gaps;
         self.duplicates += o.duplicates;
         self.reordered += o.reordered;
+        self.late += o.late;
         self.restarts += o.restarts;
         self.missed_before_start += o.missed_before_start;
     }
@@ -116,8 +123,11 @@ pub enum Observation {
     },
     /// The same counter again: not applied.
     Duplicate,
-    /// An older counter: not applied.
+    /// An older counter already received: not applied.
     Reordered,
+    /// An older counter that was missing (inside a counted gap): the gap shrinks; not applied
+    /// as the latest.
+    Late,
     /// The producer restarted; `missed` messages before its first seen one.
     Restart {
         /// `missed_before_start` added.
@@ -132,7 +142,10 @@ impl Observation {
     pub fn applied(&self) -> bool {
         !matches!(
             self,
-            Observation::Duplicate | Observation::Reordered | Observation::Untracked
+            Observation::Duplicate
+                | Observation::Reordered
+                | Observation::Late
+                | Observation::Untracked
         )
     }
 }
@@ -157,11 +170,13 @@ pub struct StreamState {
     /// Recent iterations: (receive time ns, wall_time s), oldest first.
     recent: VecDeque<(u64, f64)>,
     recent_cap: usize,
-    /// The first counter of the current producer run, its message's fingerprint and the relay
-    /// it came through: a late copy of counter 0 — the same message through another relay
-    /// (two relays on one engine) — is a reordered copy, not a restart. (An engine restart
-    /// comes through the same relay.)
-    epoch_start: Option<(i64, u64, u64)>,
+    /// The relay (`publisher_id`) that delivered the latest message.
+    latest_publisher: u64,
+    /// Which of the last `reorder_window` counters are still missing: index `i` is counter
+    /// `latest - i`; `RECEIVED`, `IN_GAP` (counted in `gap_messages`) or `BEFORE_START`
+    /// (counted in `missed_before_start`). A late arrival fills its slot and is taken back
+    /// out of the count it was in.
+    missing: VecDeque<u8>,
 }
 
 impl StreamState {
@@ -205,33 +220,18 @@ impl StreamState {
     }
 }
 
-/// A cheap fingerprint of a message's content (to tell a copy from a new message with the same
-/// counter).
-fn fingerprint(m: &ForwardPassMetrics) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    m.counter_id.hash(&mut h);
-    m.wall_time.to_bits().hash(&mut h);
-    let s = &m.scheduled_requests;
-    (
-        s.num_prefill_requests,
-        s.sum_prefill_tokens,
-        s.sum_prefill_kv_tokens,
-        s.num_decode_requests,
-        s.sum_decode_kv_tokens,
-    )
-        .hash(&mut h);
-    s.var_prefill_length.to_bits().hash(&mut h);
-    s.var_decode_kv_tokens.to_bits().hash(&mut h);
-    let q = &m.queued_requests;
-    (
-        q.num_prefill_requests,
-        q.sum_prefill_tokens,
-        q.num_decode_requests,
-        q.sum_decode_kv_tokens,
-    )
-        .hash(&mut h);
-    h.finish()
+const RECEIVED: u8 = 0;
+const IN_GAP: u8 = 1;
+const BEFORE_START: u8 = 2;
+
+/// The missing-counter window of a run whose first seen counter is `c`: `c` received, the
+/// counters below it (within the window) missing before start.
+fn start_window(c: i64, window: u64) -> VecDeque<u8> {
+    let mut w = VecDeque::from([RECEIVED]);
+    for _ in 0..(c.max(0) as u64).min(window) {
+        w.push_back(BEFORE_START);
+    }
+    w
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -326,25 +326,53 @@ impl Tracker {
             } else if c == last {
                 st.counts.duplicates += 1;
                 Observation::Duplicate
-            } else if (c == 0
-                && !st.epoch_start.is_some_and(|(c0, f, p)| {
-                    c0 == 0 && f == fingerprint(&s.metrics) && p != s.publisher_id
-                }))
-                || last.saturating_sub(c) as u64 > window
-                || c < 0
+            } else if s.publisher_id != st.latest_publisher
+                && c >= 0
+                && last.saturating_sub(c) as u64 <= window
             {
+                // Through another relay than the latest (two relays on one engine): one relay
+                // delivers in order, so an older counter from another one is a copy, or a
+                // message that relay was first to deliver late.
+                match st.missing.get((last - c) as usize).copied() {
+                    Some(slot) if slot != RECEIVED => {
+                        if slot == IN_GAP {
+                            st.counts.gap_messages -= 1;
+                        } else {
+                            st.counts.missed_before_start -= 1;
+                        }
+                        st.missing[(last - c) as usize] = RECEIVED;
+                        st.counts.late += 1;
+                        Observation::Late
+                    }
+                    _ => {
+                        st.counts.reordered += 1;
+                        Observation::Reordered
+                    }
+                }
+            } else {
+                // Through the same relay, which delivers an engine's messages in order: the
+                // producer started over.
                 st.counts.restarts += 1;
                 let missed = c.max(0) as u64;
                 st.counts.missed_before_start += missed;
                 Observation::Restart { missed }
-            } else {
-                st.counts.reordered += 1;
-                Observation::Reordered
             };
-            if let Observation::Restart { .. } = obs {
-                st.epoch_start = Some((c, fingerprint(&s.metrics), s.publisher_id));
+            match obs {
+                Observation::Restart { .. } => {
+                    st.missing = start_window(c, window);
+                }
+                Observation::InOrder | Observation::Gap { .. } => {
+                    let gap = (c - last - 1) as u64;
+                    for _ in 0..gap.min(window) {
+                        st.missing.push_front(IN_GAP);
+                    }
+                    st.missing.push_front(RECEIVED);
+                    st.missing.truncate(window.max(1) as usize);
+                }
+                _ => {}
             }
             if obs.applied() {
+                st.latest_publisher = s.publisher_id;
                 st.latest = s.metrics.clone();
                 st.source = s.source.clone();
                 if !heartbeat {
@@ -384,7 +412,8 @@ impl Tracker {
                 stale: false,
                 recent,
                 recent_cap: cap,
-                epoch_start: Some((c, fingerprint(&s.metrics), s.publisher_id)),
+                latest_publisher: s.publisher_id,
+                missing: start_window(c, window),
             },
         );
         Observation::First { missed }
@@ -564,44 +593,49 @@ mod tests {
     #[test]
     fn counters_gaps_duplicates_reorders_restarts() {
         let mut t = Tracker::new(TrackerConfig::default());
+        // (counter, relay, what the tracker makes of it)
         let seq = [
-            (5, Observation::First { missed: 5 }),
-            (6, Observation::InOrder),
-            (9, Observation::Gap { missing: 2 }),
-            (9, Observation::Duplicate),
-            (8, Observation::Reordered),
-            (10, Observation::InOrder),
-            (0, Observation::Restart { missed: 0 }),
-            (1, Observation::InOrder),
-            (5000, Observation::Gap { missing: 4998 }),
-            (3, Observation::Restart { missed: 3 }),
+            (5, 1, Observation::First { missed: 5 }),
+            (6, 1, Observation::InOrder),
+            (9, 1, Observation::Gap { missing: 2 }),
+            (9, 2, Observation::Duplicate),
+            (8, 2, Observation::Late),
+            (6, 2, Observation::Reordered),
+            (3, 2, Observation::Late), // before start, delivered by the other relay
+            (10, 1, Observation::InOrder),
+            (0, 1, Observation::Restart { missed: 0 }),
+            (1, 1, Observation::InOrder),
+            (5000, 1, Observation::Gap { missing: 4998 }),
+            (3, 1, Observation::Restart { missed: 3 }),
         ];
-        for (i, (c, want)) in seq.iter().enumerate() {
-            let got = t.observe(&sample("w", 0, *c, 0.01, i as u64));
-            assert_eq!(got, *want, "counter {c}");
+        for (i, (c, relay, want)) in seq.iter().enumerate() {
+            let mut s = sample("w", 0, *c, 0.01, i as u64);
+            s.publisher_id = *relay;
+            let got = t.observe(&s);
+            assert_eq!(got, *want, "counter {c} via {relay}");
         }
         let st = t.get("w", 0).unwrap();
         assert_eq!(st.latest.counter_id, 3);
         assert_eq!(
             st.counts,
             LossCounts {
-                received: 10,
-                iterations: 10,
+                received: 12,
+                iterations: 12,
                 heartbeats: 0,
-                gap_messages: 5000,
+                gap_messages: 4999, // 7 and 4998 in the second gap; 8 came late
                 gaps: 2,
                 duplicates: 1,
                 reordered: 1,
+                late: 2,
                 restarts: 2,
-                missed_before_start: 8,
+                missed_before_start: 7, // 5 - 1 (3 came late) + 3
             }
         );
     }
 
-    /// Two relays on one engine: the second copy of counter 0 (the same message, through
-    /// the other relay) arriving after newer counters is a reordered copy, not a restart; a
-    /// counter 0 through the same relay is a restart, even when it is the same (idle
-    /// heartbeat) message.
+    /// Two relays on one engine: an older counter through the other relay is a copy or a late
+    /// arrival, never a restart; through the relay of the latest message it is a restart (one
+    /// relay delivers an engine's messages in order).
     #[test]
     fn a_late_copy_of_counter_zero_is_not_a_restart() {
         let via = |relay: u64, mut s: Sample| {
@@ -617,29 +651,80 @@ mod tests {
             Observation::Reordered
         );
         assert_eq!(t.get("w", 0).unwrap().counts.restarts, 0);
-        // The engine restarts and sends the same first message through relay 1: a restart.
+        // The engine restarts: counter 0 through relay 1, even the same (idle) message.
         assert_eq!(
             t.observe(&via(1, sample("w", 0, 0, 0.01, 7))),
             Observation::Restart { missed: 0 }
         );
-        // Another message with counter 0 through relay 2: a restart too.
-        assert_eq!(
-            t.observe(&via(1, sample("w", 0, 1, 0.2, 8))),
-            Observation::InOrder
-        );
-        assert_eq!(
-            t.observe(&via(2, sample("w", 0, 0, 0.7, 9))),
-            Observation::Restart { missed: 0 }
-        );
-        assert_eq!(t.get("w", 0).unwrap().counts.restarts, 2);
+        assert_eq!(t.get("w", 0).unwrap().counts.restarts, 1);
+    }
+
+    /// Two relays each deliver the engine's messages in order, each missing some; their
+    /// streams interleave at random. In the end `gap_messages` is exactly the number of
+    /// counters neither delivered, every second copy is a duplicate or reordered, and there is
+    /// no restart.
+    #[test]
+    fn two_in_order_relays_interleaved_leave_exact_gap_counts() {
+        let mut x: u64 = 0x1234_5678_9ABC_DEF1;
+        let mut rnd = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..50 {
+            let n = 2000i64;
+            let a: Vec<i64> = (0..n).filter(|&c| c == 0 || rnd() % 8 != 0).collect();
+            let b: Vec<i64> = (0..n).filter(|_| rnd() % 3 != 0).collect();
+            // Relay b lags relay a by up to 100 messages, at random.
+            let (mut i, mut j) = (0usize, 0usize);
+            let mut order: Vec<(i64, u64)> = Vec::new();
+            while i < a.len() || j < b.len() {
+                let take_a = j >= b.len()
+                    || (i < a.len() && a[i] <= b[j] + 100 && (a[i] < b[j] || rnd() % 2 == 0));
+                if take_a {
+                    order.push((a[i], 1));
+                    i += 1;
+                } else {
+                    order.push((b[j], 2));
+                    j += 1;
+                }
+            }
+            let mut t = Tracker::new(TrackerConfig::default());
+            for (k, &(c, relay)) in order.iter().enumerate() {
+                let mut s = sample("w", 0, c, 0.01, k as u64);
+                s.publisher_id = relay;
+                t.observe(&s);
+            }
+            let distinct: std::collections::BTreeSet<i64> = order.iter().map(|p| p.0).collect();
+            let max = *distinct.iter().next_back().unwrap();
+            let k = t.get("w", 0).unwrap().counts;
+            assert_eq!(k.restarts, 0, "{k:?}");
+            assert_eq!(
+                k.gap_messages,
+                (max + 1) as u64 - distinct.len() as u64,
+                "{k:?}"
+            );
+            assert_eq!(
+                k.duplicates + k.reordered,
+                order.len() as u64 - distinct.len() as u64,
+                "{k:?}"
+            );
+            assert_eq!(k.received, order.len() as u64);
+        }
     }
 
     #[test]
     fn older_counters_never_overwrite_the_latest() {
+        // (Through another relay: through the same one an older counter is a restart.)
         let mut t = Tracker::new(TrackerConfig::default());
         t.observe(&sample("w", 0, 10, 0.5, 0));
-        t.observe(&sample("w", 0, 7, 0.9, 1));
-        t.observe(&sample("w", 0, 10, 0.9, 2));
+        let mut older = sample("w", 0, 7, 0.9, 1);
+        older.publisher_id = 2;
+        t.observe(&older);
+        let mut same = sample("w", 0, 10, 0.9, 2);
+        same.publisher_id = 2;
+        t.observe(&same);
         let st = t.get("w", 0).unwrap();
         assert_eq!((st.latest.counter_id, st.latest.wall_time), (10, 0.5));
     }

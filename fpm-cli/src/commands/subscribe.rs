@@ -124,7 +124,7 @@ pub fn summary(stats: &fpm_subscriber::SubscriberStats) -> String {
     let s = &stats.streams;
     format!(
         "{} messages ({} iterations, {} heartbeats), {} streams; lost: {} in {} counter gaps, \
-         {} before start, {} relay envelopes; {} duplicates, {} reordered, {} restarts; \
+         {} before start, {} relay envelopes; {} duplicates, {} reordered, {} late, {} restarts; \
          {} rejected, {} slow-consumer drops",
         stats.samples,
         s.iterations,
@@ -136,6 +136,7 @@ pub fn summary(stats: &fpm_subscriber::SubscriberStats) -> String {
         stats.sequence.gap_messages,
         s.duplicates,
         s.reordered,
+        s.late,
         s.restarts,
         stats.rejected.total(),
         stats.slow_consumer_drops
