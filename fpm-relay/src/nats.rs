@@ -119,10 +119,43 @@ async fn check_files(paths: Vec<PathBuf>) -> Result<(), Error> {
 pub async fn prepare(cfg: &NatsConfig) -> Result<(Vec<ServerAddr>, ConnectOptions), Error> {
     let servers = parse_urls(&cfg.url)?;
     check_resolvable(&cfg.url, &servers).await?;
+    probe_credentials(cfg, &servers).await?;
     Ok((servers, connect_options(cfg).await?))
 }
 
-async fn connect_options(cfg: &NatsConfig) -> Result<ConnectOptions, Error> {
+/// One connection attempt without retries: a server that is up and refuses the credentials
+/// (or the TLS set-up) is a start-up error, named; a server that is down is waited for later.
+async fn probe_credentials(cfg: &NatsConfig, servers: &[ServerAddr]) -> Result<(), Error> {
+    use async_nats::ConnectErrorKind as K;
+    let probe = base_options(cfg)
+        .await?
+        .name(&cfg.name)
+        .max_reconnects(Some(1))
+        .connection_timeout(Duration::from_secs(3));
+    match probe.connect(servers.to_vec()).await {
+        Ok(client) => {
+            drop(client);
+            Ok(())
+        }
+        Err(e) => match e.kind() {
+            K::AuthorizationViolation | K::Authentication => Err(Error::Credentials(format!(
+                "the NATS server at {} refused the credentials ({e}): check --nats-user/--nats-password, --nats-token, --nats-creds or --nats-nkey",
+                cfg.url
+            ))),
+            K::Tls => Err(Error::Credentials(format!(
+                "TLS with the NATS server at {} failed ({e}): check --nats-tls-ca / --nats-tls-cert / --nats-tls-key / --nats-tls",
+                cfg.url
+            ))),
+            _ => {
+                debug!(error = %e, "NATS not reachable at start-up; will keep trying");
+                Ok(())
+            }
+        },
+    }
+}
+
+/// Auth and TLS options, nothing else.
+async fn base_options(cfg: &NatsConfig) -> Result<ConnectOptions, Error> {
     let mut o = ConnectOptions::new();
     o = match &cfg.auth {
         NatsAuth::None => o,
@@ -164,6 +197,11 @@ async fn connect_options(cfg: &NatsConfig) -> Result<ConnectOptions, Error> {
     if cfg.require_tls {
         o = o.require_tls(true);
     }
+    Ok(o)
+}
+
+async fn connect_options(cfg: &NatsConfig) -> Result<ConnectOptions, Error> {
+    let o = base_options(cfg).await?;
     let max = cfg.reconnect_delay_max;
     let last_log = Arc::new(Mutex::new(None));
     Ok(o.name(&cfg.name)

@@ -516,9 +516,12 @@ mod auth {
         c.nats.url = format!("{scheme}://127.0.0.1:{port}");
         f(&mut c);
         let token = CancellationToken::new();
-        let relay = within(10, Relay::start(c, token.clone()))
-            .await
-            .expect("starts");
+        let relay = match within(10, Relay::start(c, token.clone())).await {
+            Ok(r) => r,
+            // Refused credentials are a start-up error (see `wrong_credentials_fail_at_start`).
+            Err(fpm_relay::Error::Credentials(_)) => return false,
+            Err(e) => panic!("{e}"),
+        };
         let deadline = std::time::Instant::now() + Duration::from_millis(1500);
         let mut ok = false;
         while std::time::Instant::now() < deadline && !ok {
@@ -546,6 +549,33 @@ mod auth {
             .await
         );
         assert!(!connects(t.port, "nats", |_| {}).await);
+    }
+
+    /// A server that is up and refuses the credentials fails the start, naming what to
+    /// check (a server that is down is still waited for: `nats_down_at_start_is_waited_for`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn wrong_credentials_fail_at_start() {
+        let s = CustomNats::start(&["--user", "relay", "--pass", "s3cret"]);
+        let dir = tempfile::tempdir().unwrap();
+        for auth in [
+            NatsAuth::UserPassword {
+                user: "relay".into(),
+                password: "wrong".into(),
+            },
+            NatsAuth::None,
+        ] {
+            let mut c = RelayConfig::new(vec![fpm_testkit::ipc_base(dir.path(), "a") + ".0"]);
+            c.nats.url = format!("nats://127.0.0.1:{}", s.port);
+            c.nats.auth = auth;
+            let Err(e) = within(10, Relay::start(c, CancellationToken::new())).await else {
+                panic!("refused credentials must fail the start");
+            };
+            let text = e.to_string();
+            assert!(
+                text.contains("refused the credentials") && text.contains("--nats-user"),
+                "{text}"
+            );
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
