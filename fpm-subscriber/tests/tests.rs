@@ -326,3 +326,192 @@ async fn in_process_event_plane() {
     timeout(T, relay.wait()).await.unwrap();
     e.shutdown(Duration::from_secs(1));
 }
+
+/// Hostile input on the NATS subject, interleaved with good traffic: nothing panics, every bad
+/// message is counted by reason, every good one (NaN and infinite floats, a 60 KB worker id
+/// included) is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_input_on_the_subject() {
+    use fpm_schema::{Envelope, ForwardPassMetrics, FPM_TOPIC};
+    use fpm_subscriber::RejectReason;
+    let nats = fpm_testkit::NatsServer::start();
+    let client = timeout(T, async_nats::connect(nats.url()))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut sub = Subscriber::subscribe(&client, SubscriberConfig::new(filter("hostile")))
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    let subject = "namespace.hostile.component.c.endpoint.e.forward-pass-metrics";
+    let wrap = |payload: &[u8], seq: u64| {
+        Envelope {
+            publisher_id: 77,
+            sequence: seq,
+            published_at: 0,
+            topic: FPM_TOPIC,
+            payload,
+        }
+        .encode()
+    };
+    let good = |c: i64, wall: f64, worker: &str| {
+        let mut m = ForwardPassMetrics::heartbeat(worker, 0);
+        m.counter_id = c;
+        m.wall_time = wall;
+        m.scheduled_requests.var_decode_kv_tokens = f64::NAN;
+        m.queued_requests.var_prefill_length = f64::INFINITY;
+        fpm_schema::encode(&m)
+    };
+    // Deeply nested msgpack under an unknown key (ignored values are skipped iteratively).
+    let mut nested = vec![0x82u8, 0xa7];
+    nested.extend_from_slice(b"version");
+    nested.push(1);
+    nested.extend_from_slice(&[0xa3, b'z', b'z', b'z']);
+    nested.extend(std::iter::repeat(0x91).take(50_000));
+    nested.push(0xc0);
+    let mut v2 = good(0, 0.1, "w");
+    v2[1 + 1 + 7] = 2; // map header, key header, "version", then the value 1 -> 2
+    let huge_worker = "w".repeat(60_000);
+    let bad: Vec<(Vec<u8>, RejectReason)> = vec![
+        (b"\x00garbage".to_vec(), RejectReason::Envelope),
+        (
+            wrap(&good(1, 0.1, "w"), 0)[..20].to_vec(),
+            RejectReason::Envelope,
+        ),
+        (wrap(b"\xde\xad", 0), RejectReason::Payload),
+        (wrap(&good(1, 0.1, "w")[..30], 0), RejectReason::Payload),
+        (wrap(&v2, 0), RejectReason::Version),
+        (wrap(&vec![0u8; 70_000], 0), RejectReason::TooLarge),
+        (vec![0xc1; 900_000], RejectReason::TooLarge),
+        (
+            Envelope {
+                publisher_id: 77,
+                sequence: 0,
+                published_at: 0,
+                topic: "kv-events",
+                payload: &good(1, 0.1, "w"),
+            }
+            .encode(),
+            RejectReason::Topic,
+        ),
+    ];
+    let mut sent_good = 0;
+    let mut seq = 0;
+    for round in 0..20i64 {
+        for (b, _) in &bad {
+            client.publish(subject, b.clone().into()).await.unwrap();
+        }
+        let worker = if round == 7 {
+            huge_worker.as_str()
+        } else {
+            "w"
+        };
+        let payload = if round == 3 {
+            nested.clone()
+        } else {
+            good(round, 0.01 + round as f64 * 1e-3, worker)
+        };
+        client
+            .publish(subject, wrap(&payload, seq).into())
+            .await
+            .unwrap();
+        seq += 1;
+        sent_good += 1;
+    }
+    client.flush().await.unwrap();
+    let got = take(&mut sub, sent_good).await;
+    assert_eq!(got.len(), 20);
+    assert!(got
+        .iter()
+        .filter(|s| s.metrics.counter_id > 0 || s.metrics.wall_time > 0.0)
+        .all(
+            |s| s.metrics.scheduled_requests.var_decode_kv_tokens.is_nan()
+                && s.metrics.queued_requests.var_prefill_length == f64::INFINITY
+        ));
+    assert!(got.iter().any(|s| s.metrics.worker_id.len() == 60_000));
+    // Every bad message reached the subscriber (NATS delivers in order) and was counted.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while sub.stats().received < 20 * (bad.len() as u64 + 1) && std::time::Instant::now() < deadline
+    {
+        let _ = timeout(Duration::from_millis(100), sub.next()).await;
+    }
+    let st = sub.stats();
+    assert_eq!(st.received, 20 * (bad.len() as u64 + 1), "{st:?}");
+    for reason in RejectReason::ALL {
+        let want = 20 * bad.iter().filter(|(_, r)| *r == reason).count() as u64;
+        assert_eq!(st.rejected.get(reason), want, "{reason:?}: {st:?}");
+    }
+    assert_eq!(st.received, st.samples + st.rejected.total());
+}
+
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .map_or(0, |pages| pages * 4096)
+}
+
+/// 1,000 engine streams (250 workers x 4 ranks) through one subscriber: all tracked, memory
+/// per stream measured and bounded; with a cap of 600 streams the rest are counted as
+/// untracked and their samples still flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_streams_and_the_cap() {
+    use fpm_schema::{Envelope, ForwardPassMetrics, FPM_TOPIC};
+    let nats = fpm_testkit::NatsServer::start();
+    let client = timeout(T, async_nats::connect(nats.url()))
+        .await
+        .unwrap()
+        .unwrap();
+    let subject = "namespace.many.component.c.endpoint.e.forward-pass-metrics";
+    let mut config = SubscriberConfig::new(filter("many"));
+    let mut capped = SubscriberConfig::new(filter("many"));
+    capped.tracker.max_streams = 600;
+    config.tracker.max_streams = 4096;
+    let mut sub = Subscriber::subscribe(&client, config).await.unwrap();
+    let mut small = Subscriber::subscribe(&client, capped).await.unwrap();
+    client.flush().await.unwrap();
+    let before = rss_bytes();
+    let mut seq = 0;
+    for round in 0..5i64 {
+        for w in 0..250 {
+            for r in 0..4 {
+                let mut m = ForwardPassMetrics::heartbeat(format!("worker-{w:04}-3f9c1b2e"), r);
+                m.counter_id = round;
+                m.wall_time = 0.01;
+                let p = fpm_schema::encode(&m);
+                let env = Envelope {
+                    publisher_id: 5,
+                    sequence: seq,
+                    published_at: 0,
+                    topic: FPM_TOPIC,
+                    payload: &p,
+                }
+                .encode();
+                seq += 1;
+                client.publish(subject, env.into()).await.unwrap();
+            }
+        }
+    }
+    client.flush().await.unwrap();
+    take(&mut sub, 5000).await;
+    take(&mut small, 5000).await;
+    let after = rss_bytes();
+    let st = sub.stats();
+    assert_eq!(st.tracked_streams, 1000, "{st:?}");
+    assert_eq!(st.streams.gap_messages + st.streams.missed_before_start, 0);
+    let per_stream = after.saturating_sub(before) / 1000;
+    eprintln!(
+        "1,000 streams: resident memory grew {} KiB, {} bytes per stream (two subscribers)",
+        (after - before.min(after)) / 1024,
+        per_stream
+    );
+    assert!(per_stream < 64 * 1024, "{per_stream} bytes per stream");
+    let sm = small.stats();
+    assert_eq!(sm.tracked_streams, 600, "{sm:?}");
+    assert_eq!(sm.untracked, 400 * 5, "{sm:?}");
+    assert_eq!(sm.samples, 5000);
+}
