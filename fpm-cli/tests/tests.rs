@@ -2187,3 +2187,180 @@ mod e2e_faults {
         );
     }
 }
+
+/// A 3-node NATS cluster on localhost; the node the relay is connected to is killed: the relay
+/// and the recorder (given every node's URL) carry on through the others, and every counter
+/// is recorded or reported lost.
+mod nats_cluster {
+    use std::process::{Child, Command, Stdio};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use fpm_emitter::{ClockChoice, Emitter, EmitterConfig, Endpoint, StreamHandle};
+    use fpm_schema::{QueuedRequestMetrics, ScheduledRequestMetrics};
+    use fpm_subscriber::record::{read_records, Record};
+
+    struct Kill(Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    #[test]
+    fn a_node_dies_and_the_pipeline_carries_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let ports: Vec<(u16, u16, u16)> = (0..3)
+            .map(|_| {
+                (
+                    fpm_testkit::free_port(),
+                    fpm_testkit::free_port(),
+                    fpm_testkit::free_port(),
+                )
+            })
+            .collect();
+        let routes: Vec<String> = ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{}", p.1))
+            .collect();
+        let mut nodes: Vec<Option<Kill>> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, &(client, cluster, monitor))| {
+                Some(Kill(
+                    Command::new("nats-server")
+                        .args(["-a", "127.0.0.1", "-p", &client.to_string()])
+                        .args(["-m", &monitor.to_string(), "-n", &format!("node{i}")])
+                        .args(["--cluster_name", "fpm", "--cluster"])
+                        .arg(format!("nats://127.0.0.1:{cluster}"))
+                        .args(["--routes", &routes.join(",")])
+                        .arg("-l")
+                        .arg(dir.path().join(format!("node{i}.log")))
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .spawn()
+                        .expect("nats-server"),
+                ))
+            })
+            .collect();
+        // Until every node sees the two others.
+        let t = Instant::now();
+        loop {
+            let routed = ports.iter().all(|p| {
+                fpm_testkit::http_get(&format!("127.0.0.1:{}", p.2), "/routez")
+                    .map(|(_, b)| b.contains("\"num_routes\": 2"))
+                    .unwrap_or(false)
+            });
+            if routed {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "cluster did not form"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let urls: Vec<String> = ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{}", p.0))
+            .collect();
+        let all = urls.join(",");
+        let out = dir.path().join("rec.jsonl");
+        let rec = Command::new(env!("CARGO_BIN_EXE_fpm"))
+            .args([
+                "-q",
+                "record",
+                "--namespace",
+                "cluster",
+                "--nats-url",
+                &all,
+                "--output",
+            ])
+            .arg(&out)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(800));
+        let ep = format!("ipc://{}", dir.path().join("eng.0").display());
+        let _relay = Kill(
+            Command::new(env!("CARGO_BIN_EXE_fpm"))
+                .args([
+                    "-q",
+                    "relay",
+                    "--zmq-endpoint",
+                    &ep,
+                    "--namespace",
+                    "cluster",
+                ])
+                .args(["--nats-url", &all, "--metrics-addr", "off"])
+                .spawn()
+                .unwrap(),
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let engine = {
+            let (ep, stop) = (ep.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let cfg = EmitterConfig::new(Endpoint::Exact(ep), "clustered", 0)
+                    .with_clock(ClockChoice::Cpu);
+                let mut e = Emitter::start(cfg).unwrap();
+                while !stop.load(Ordering::Relaxed) {
+                    e.begin_iteration();
+                    e.time_segment(StreamHandle::DEFAULT, || ());
+                    e.submit(
+                        ScheduledRequestMetrics::default(),
+                        QueuedRequestMetrics::default(),
+                    );
+                    std::thread::sleep(Duration::from_micros(500));
+                }
+                e.shutdown(Duration::from_secs(2))
+            })
+        };
+        std::thread::sleep(Duration::from_millis(1500));
+        // Kill the node the relay is connected to.
+        let relay_node = (0..3)
+            .find(|&i| {
+                fpm_testkit::http_get(&format!("127.0.0.1:{}", ports[i].2), "/connz")
+                    .map(|(_, b)| b.contains("\"name\": \"fpm-relay\""))
+                    .unwrap_or(false)
+            })
+            .expect("the relay is connected to some node");
+        nodes[relay_node] = None;
+        std::thread::sleep(Duration::from_secs(3));
+        stop.store(true, Ordering::Relaxed);
+        let stats = engine.join().unwrap();
+        std::thread::sleep(Duration::from_millis(1000));
+        Command::new("kill")
+            .args(["-TERM", &rec.id().to_string()])
+            .status()
+            .unwrap();
+        let o = rec.wait_with_output().unwrap();
+        let summary = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert_eq!(o.status.code(), Some(0), "{summary}");
+        let got: Vec<Record> =
+            read_records(std::io::BufReader::new(std::fs::File::open(&out).unwrap()))
+                .collect::<Result<_, _>>()
+                .unwrap();
+        let last = got.last().unwrap().metrics.counter_id as u64;
+        // The pipeline carried on after the node died: most of what was published arrived.
+        assert!(last + 1 >= stats.published * 9 / 10, "{summary} {stats:?}");
+        let lost = summary
+            .split("lost: ")
+            .nth(1)
+            .and_then(|x| x.split(' ').next())
+            .and_then(|x| x.parse::<u64>().ok())
+            .unwrap();
+        let before: u64 = {
+            let at = summary.find(" before start").unwrap();
+            summary[..at]
+                .rsplit(|c: char| !c.is_ascii_digit())
+                .find(|w| !w.is_empty())
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        assert_eq!(lost + before + got.len() as u64, last + 1, "{summary}");
+        eprintln!("cluster: node {relay_node} killed; {summary}");
+    }
+}
