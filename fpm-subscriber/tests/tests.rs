@@ -367,7 +367,7 @@ async fn hostile_input_on_the_subject() {
     nested.extend_from_slice(b"version");
     nested.push(1);
     nested.extend_from_slice(&[0xa3, b'z', b'z', b'z']);
-    nested.extend(std::iter::repeat(0x91).take(50_000));
+    nested.extend(std::iter::repeat_n(0x91, 50_000));
     nested.push(0xc0);
     let mut v2 = good(0, 0.1, "w");
     v2[1 + 1 + 7] = 2; // map header, key header, "version", then the value 1 -> 2
