@@ -396,8 +396,8 @@ async fn hostile_input_on_the_subject() {
         ),
     ];
     let mut sent_good = 0;
-    let mut seq = 0;
     for round in 0..20i64 {
+        let seq = round as u64;
         for (b, _) in &bad {
             client.publish(subject, b.clone().into()).await.unwrap();
         }
@@ -415,7 +415,6 @@ async fn hostile_input_on_the_subject() {
             .publish(subject, wrap(&payload, seq).into())
             .await
             .unwrap();
-        seq += 1;
         sent_good += 1;
     }
     client.flush().await.unwrap();
