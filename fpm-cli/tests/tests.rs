@@ -2058,7 +2058,8 @@ mod e2e_faults {
             .unwrap()
     }
 
-    /// NATS is killed for 3 s mid-stream and restarted on the same port: the relay buffers
+    /// NATS is killed for 5 s mid-stream (the engine at up to 10,000 messages/s) and
+    /// restarted on the same port: the relay buffers
     /// and reconnects, the subscriber reconnects, both without a restart; every counter up to
     /// the last one recorded is recorded or reported lost (messages the relay flushed before
     /// the subscriber had resubscribed are gaps, not silence).
@@ -2071,11 +2072,11 @@ mod e2e_faults {
         let rec = record(&out, &nats.url(), "fault3");
         std::thread::sleep(Duration::from_millis(700));
         let stop = Arc::new(AtomicBool::new(false));
-        let eng = engine(ep.clone(), 2000.0, stop.clone());
+        let eng = engine(ep.clone(), 10_000.0, stop.clone());
         let _relay = relay(&ep, &nats.url(), "fault3");
         std::thread::sleep(Duration::from_millis(1500));
         nats.stop();
-        std::thread::sleep(Duration::from_secs(3));
+        std::thread::sleep(Duration::from_secs(5));
         nats.restart();
         // Until the recorder has caught up with messages sent after the restart.
         std::thread::sleep(Duration::from_secs(4));

@@ -214,6 +214,13 @@ proptest! {
         prop_assert_eq!(Envelope::decode(&bytes).unwrap(), env);
     }
 
+}
+
+// The fuzz targets' bodies (`fuzz_all_decoders`) as property tests with many cases, so CI
+// runs them on every change (cargo-fuzz needs nightly; it runs by hand, see README).
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(10_000))]
+
     #[test]
     fn arbitrary_bytes_never_panic(data in prop::collection::vec(any::<u8>(), 0..2048)) {
         fuzz_all_decoders(&data);
