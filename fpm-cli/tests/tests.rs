@@ -2112,7 +2112,8 @@ mod e2e_faults {
         std::thread::sleep(Duration::from_millis(700));
         let stop = Arc::new(AtomicBool::new(false));
         let eng = engine(ep.clone(), 3000.0, stop.clone());
-        let _relay = relay(&ep, &nats.url(), "fault4");
+        let relay4 = relay(&ep, &nats.url(), "fault4");
+        let relay_pid = relay4.0.id();
         std::thread::sleep(Duration::from_millis(1000));
         let pid = rec.id().to_string();
         Command::new("kill").args(["-STOP", &pid]).status().unwrap();
@@ -2122,8 +2123,21 @@ mod e2e_faults {
         stop.store(true, Ordering::Relaxed);
         let stats = eng.join().unwrap();
         std::thread::sleep(Duration::from_millis(1500));
+        let relay_peak_kib = std::fs::read_to_string(format!("/proc/{}/status", relay_pid))
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find(|l| l.starts_with("VmHWM:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse::<u64>().ok())
+            })
+            .unwrap_or(0);
         let summary = stop_record(rec);
         let got = records(&out);
+        assert!(
+            relay_peak_kib < 64 * 1024,
+            "relay peak RSS {relay_peak_kib} KiB"
+        );
         assert_eq!(got.len() as u64, stats.published, "{summary} {stats:?}");
         assert_eq!(summary_count(&summary, "lost"), 0, "{summary}");
         assert_eq!(summary_count(&summary, " relay envelopes"), 0, "{summary}");
@@ -2132,6 +2146,131 @@ mod e2e_faults {
             0,
             "{summary}"
         );
+    }
+
+    /// The engine restarts (a new process would start its counter at 0 again): the subscriber
+    /// reports one restart, not a huge gap, and every message of both runs is recorded or
+    /// counted.
+    #[test]
+    fn engine_restart_is_a_restart() {
+        let nats = fpm_testkit::NatsServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let ep = format!("ipc://{}", dir.path().join("eng.0").display());
+        let out = dir.path().join("rec.jsonl");
+        let rec = record(&out, &nats.url(), "fault5");
+        std::thread::sleep(Duration::from_millis(700));
+        let _relay = relay(&ep, &nats.url(), "fault5");
+        let mut published = 0;
+        for _ in 0..2 {
+            let stop = Arc::new(AtomicBool::new(false));
+            let eng = engine(ep.clone(), 2000.0, stop.clone());
+            std::thread::sleep(Duration::from_millis(1500));
+            stop.store(true, Ordering::Relaxed);
+            let stats = eng.join().unwrap();
+            assert_eq!(stats.dropped.total(), 0, "{stats:?}");
+            published += stats.published;
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let summary = stop_record(rec);
+        let got = records(&out);
+        assert_eq!(summary_count(&summary, " restarts"), 1, "{summary}");
+        assert_eq!(summary_count(&summary, "lost"), 0, "{summary}");
+        assert_eq!(got.len() as u64, published, "{summary}");
+    }
+
+    /// NATS requiring a password: the right one works end to end; a wrong one fails
+    /// `fpm relay` and `fpm record` at start-up in one line with exit 1.
+    #[test]
+    fn wrong_nats_credentials_fail_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let port = fpm_testkit::free_port();
+        let _nats = Kill(
+            Command::new("nats-server")
+                .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+                .args(["--user", "fpm", "--pass", "s3cret", "-l"])
+                .arg(dir.path().join("n.log"))
+                .spawn()
+                .unwrap(),
+        );
+        let url = format!("nats://127.0.0.1:{port}");
+        let t = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(t.elapsed() < Duration::from_secs(10));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let ep = format!("ipc://{}", dir.path().join("eng.0").display());
+        for args in [
+            vec![
+                "relay",
+                "--zmq-endpoint",
+                ep.as_str(),
+                "--metrics-addr",
+                "off",
+            ],
+            vec!["record", "--count", "1", "--output", "/dev/null/x"],
+        ] {
+            let o = fpm()
+                .args(&args)
+                .args([
+                    "--nats-url",
+                    &url,
+                    "--nats-user",
+                    "fpm",
+                    "--nats-password",
+                    "wrong",
+                ])
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+            let lines: Vec<&str> = err
+                .lines()
+                .filter(|l| l.starts_with("fpm: error"))
+                .collect();
+            assert_eq!(lines.len(), 1, "{err}");
+            assert!(lines[0].contains("refused the credentials"), "{err}");
+        }
+        // The right password: messages flow.
+        let out = dir.path().join("rec.jsonl");
+        let rec = fpm()
+            .args(["-q", "record", "--nats-url", &url, "--nats-user", "fpm"])
+            .args([
+                "--nats-password",
+                "s3cret",
+                "--namespace",
+                "auth",
+                "--count",
+                "50",
+                "--output",
+            ])
+            .arg(&out)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(700));
+        let _relay = Kill(
+            fpm()
+                .args(["-q", "relay", "--zmq-endpoint", &ep, "--namespace", "auth"])
+                .args([
+                    "--nats-url",
+                    &url,
+                    "--nats-user",
+                    "fpm",
+                    "--nats-password",
+                    "s3cret",
+                ])
+                .args(["--metrics-addr", "off"])
+                .spawn()
+                .unwrap(),
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let eng = engine(ep.clone(), 500.0, stop.clone());
+        let o = rec.wait_with_output().unwrap();
+        stop.store(true, Ordering::Relaxed);
+        eng.join().unwrap();
+        assert_eq!(o.status.code(), Some(0));
+        assert_eq!(records(&out).len(), 50);
     }
 
     /// Two relays on one engine by mistake: every message arrives twice; the subscriber
