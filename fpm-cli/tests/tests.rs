@@ -2320,7 +2320,9 @@ mod e2e_faults {
             copies,
             "every second copy counted: {summary}"
         );
-        assert!(summary.contains("lost: 0 in 0 counter gaps"), "{summary}");
+        // Nothing lost in the end (a gap opened by one relay running ahead is filled by the
+        // other's late copies; the gap event itself stays counted).
+        assert!(summary.contains("lost: 0 in "), "{summary}");
         assert!(
             summary.contains(" 0 restarts"),
             "a late copy of counter 0 is no restart: {summary}"

@@ -50,8 +50,10 @@ pub trait Transport: Send + 'static {
 /// counted instead of vanishing). `ZMQ_XPUB_NODROP` makes a full subscriber queue an error we
 /// count, instead of a silent discard.
 pub struct ZmqTransport {
-    _ctx: zmq::Context,
-    socket: zmq::Socket,
+    /// `None` once closed.
+    ctx: Option<zmq::Context>,
+    /// `None` once closed.
+    socket: Option<zmq::Socket>,
     endpoint: String,
     subscribed: bool,
 }
@@ -94,8 +96,8 @@ impl ZmqTransport {
         set_xpub_nodrop(&mut socket).map_err(bind_err)?;
         socket.bind(endpoint).map_err(bind_err)?;
         Ok(ZmqTransport {
-            _ctx: ctx,
-            socket,
+            ctx: Some(ctx),
+            socket: Some(socket),
             endpoint: endpoint.to_owned(),
             subscribed: false,
         })
@@ -105,7 +107,8 @@ impl ZmqTransport {
     /// unsubscribes. Without `XPUB_VERBOSE`, libzmq reports the first subscription to a topic
     /// and the last unsubscription, which is exactly "is anyone listening".
     fn update_subscriptions(&mut self) {
-        while let Ok(msg) = self.socket.recv_bytes(zmq::DONTWAIT) {
+        let Some(socket) = &self.socket else { return };
+        while let Ok(msg) = socket.recv_bytes(zmq::DONTWAIT) {
             match msg.first() {
                 Some(1) => self.subscribed = true,
                 Some(0) => self.subscribed = false,
@@ -156,19 +159,27 @@ impl Transport for ZmqTransport {
         }
         let counter = counter.to_be_bytes();
         let frames: [&[u8]; 3] = [b"", &counter, payload];
-        match self.socket.send_multipart(frames, zmq::DONTWAIT) {
+        let Some(socket) = &self.socket else {
+            return Err(SendError::Failed);
+        };
+        match socket.send_multipart(frames, zmq::DONTWAIT) {
             Ok(()) => Ok(()),
             Err(zmq::Error::EAGAIN) => Err(SendError::WouldBlock),
             Err(_) => Err(SendError::Failed),
         }
     }
 
+    /// Lets what is queued for connected subscribers leave within `timeout` (the socket
+    /// lingers; terminating the context waits for it), then removes the ipc socket file.
+    /// (Unbinding first would discard the queued messages.)
     fn close(&mut self, timeout: Duration) {
-        let _ = self
-            .socket
-            .set_linger(timeout.as_millis().min(i32::MAX as u128) as i32);
+        if let Some(socket) = self.socket.take() {
+            let _ = socket.set_linger(timeout.as_millis().min(i32::MAX as u128) as i32);
+            drop(socket);
+        }
+        // Blocks until the lingering messages are sent or the linger expires.
+        drop(self.ctx.take());
         if let Some(path) = self.endpoint.strip_prefix("ipc://") {
-            let _ = self.socket.unbind(&self.endpoint);
             let _ = std::fs::remove_file(path);
         }
     }

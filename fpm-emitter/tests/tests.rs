@@ -578,6 +578,43 @@ mod zmq_socket {
         assert_eq!(stats.published, 100);
     }
 
+    /// Issue 15: at full speed into a live subscriber, then shutdown: what the emitter
+    /// counted as published reached the subscriber (shutdown lets the queued messages leave
+    /// before the socket file goes). Repeated to catch the race.
+    #[test]
+    fn published_at_shutdown_means_received() {
+        for round in 0..3 {
+            let dir = tempfile::tempdir().unwrap();
+            let base = fpm_testkit::ipc_base(dir.path(), "sd");
+            let cfg = EmitterConfig::new(Endpoint::IpcBase(base.clone()), "w", 0)
+                .with_clock(ClockChoice::Cpu);
+            let mut e = Emitter::start(cfg).unwrap();
+            let (_ctx, s) = sub(&format!("{base}.0"));
+            // Until 3 s of silence (the emitter is done by then, even on a loaded machine).
+            s.set_rcvtimeo(3000).unwrap();
+            let reader = std::thread::spawn(move || {
+                let mut got = Vec::new();
+                while let Ok(f) = s.recv_multipart(0) {
+                    got.push(u64::from_be_bytes(f[1].as_slice().try_into().unwrap()));
+                }
+                got
+            });
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_millis(500) {
+                e.submit(batch(1), QueuedRequestMetrics::default());
+            }
+            let stats = e.shutdown(Duration::from_secs(5));
+            let got = reader.join().unwrap();
+            let received = got.len() as u64;
+            assert_eq!(
+                received, stats.published,
+                "round {round}: published {} but the subscriber got {received}: {stats:?}",
+                stats.published
+            );
+            assert_eq!(stats.submitted, stats.published + stats.dropped.total());
+        }
+    }
+
     fn first_message(e: &mut Emitter, s: &zmq::Socket) -> Vec<Vec<u8>> {
         for _ in 0..200 {
             e.submit(batch(2), QueuedRequestMetrics::default());
