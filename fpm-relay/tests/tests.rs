@@ -1036,6 +1036,56 @@ mod trust {
         assert_eq!(s.received, s.invalid.total() + s.published, "{s:?}");
     }
 
+    /// Hostile but valid payloads on the engine socket (50,000-deep nesting under an unknown
+    /// key, a 60 KB worker id, NaN and infinities) are relayed unchanged; garbage and a wrong
+    /// version interleaved with them are counted by reason; good traffic all arrives.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hostile_payloads_on_the_socket() {
+        let nats = NatsServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let ep = fpm_testkit::ipc_base(dir.path(), "hostile") + ".0";
+        let mut engine = Engine::bind(&ep);
+        let mut sub = subscribe(&nats.url(), SUBJECT).await;
+        let (relay, token) = start(vec![ep.clone()], &nats.url(), |_| {}).await;
+        engine.warm_up(&relay, "w").await;
+        let before = relay.stats().published as usize;
+        let mut nested = vec![0x82u8, 0xa7];
+        nested.extend_from_slice(b"version");
+        nested.push(1);
+        nested.extend_from_slice(&[0xa3, b'z', b'z', b'z']);
+        nested.extend(std::iter::repeat_n(0x91, 50_000));
+        nested.push(0xc0);
+        let mut m = fpm_schema::ForwardPassMetrics::heartbeat("w".repeat(60_000), 0);
+        m.wall_time = f64::NAN;
+        m.scheduled_requests.var_prefill_length = f64::INFINITY;
+        m.queued_requests.var_decode_kv_tokens = f64::NEG_INFINITY;
+        let special = fpm_schema::encode(&m);
+        let mut v2 = fpm("w", 0, 5);
+        v2[1 + 1 + 7] = 2;
+        let valid = [nested, special];
+        let invalid = [
+            (b"\xc1\xc1garbage".to_vec(), InvalidReason::Undecodable),
+            (v2, InvalidReason::UnsupportedVersion),
+        ];
+        let mut good = Vec::new();
+        for round in 0..10 {
+            for (b, _) in &invalid {
+                engine.send_frames(&[vec![], 7u64.to_be_bytes().to_vec(), b.clone()]);
+            }
+            let v = valid[round % 2].clone();
+            engine.send_frames(&[vec![], 7u64.to_be_bytes().to_vec(), v.clone()]);
+            good.push(v);
+        }
+        let got = collect(&mut sub, before + good.len(), Duration::from_secs(10)).await;
+        let got: Vec<_> = got.into_iter().skip(before).map(|m| m.payload).collect();
+        assert!(got == good, "the valid ones, unchanged, in order");
+        let s = shut_down(relay, &token).await;
+        for (_, reason) in &invalid {
+            assert_eq!(s.invalid(*reason), 10, "{reason:?}: {s:?}");
+        }
+        assert_eq!(s.received, s.invalid.total() + s.published, "{s:?}");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn loss_before_the_first_message_is_counted_at_start_and_after_a_restart() {
         let nats = NatsServer::start();
