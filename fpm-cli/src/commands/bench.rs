@@ -18,7 +18,6 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use fpm_emitter::{ClockChoice, Emitter, EmitterConfig, Endpoint, StreamHandle};
 use fpm_schema::{QueuedRequestMetrics, ScheduledRequestsBuilder};
-use futures_util::StreamExt;
 
 use super::parse_duration;
 
@@ -103,8 +102,6 @@ pub struct Row {
     /// Subscriber CPU time per delivered message, microseconds.
     pub subscriber_cpu_us: f64,
 }
-
-const SUBJECT: &str = "namespace.bench.component.backend.endpoint.generate.forward-pass-metrics";
 
 /// Kills and reaps on drop.
 struct Child(std::process::Child);
@@ -215,7 +212,21 @@ impl SubscriberThread {
                             return;
                         }
                     };
-                    let mut sub = match client.subscribe(SUBJECT).await {
+                    // Our subscriber as users run it: envelope and payload decoded, stream
+                    // tracked.
+                    let filter = fpm_subscriber::SubjectFilter::parse(
+                        "bench",
+                        "*",
+                        "*",
+                        fpm_subscriber::ScopeFilter::Endpoint,
+                    )
+                    .expect("valid names");
+                    let mut sub = match fpm_subscriber::Subscriber::subscribe(
+                        &client,
+                        fpm_subscriber::SubscriberConfig::new(filter),
+                    )
+                    .await
+                    {
                         Ok(s) => s,
                         Err(e) => {
                             let _ = ready_tx.send(Err(e.to_string()));
@@ -224,21 +235,14 @@ impl SubscriberThread {
                     };
                     let _ = client.flush().await;
                     let _ = ready_tx.send(Ok(()));
-                    let decoder = fpm_schema::Decoder::new();
                     loop {
                         tokio::select! {
                             _ = stopped.changed() => break,
-                            m = sub.next() => {
-                                let Some(m) = m else { break };
+                            s = sub.next() => {
+                                let Some(s) = s else { break };
                                 let now = Instant::now();
-                                let counter = fpm_schema::Envelope::decode(&m.payload)
-                                    .ok()
-                                    .and_then(|e| decoder.peek_key(e.payload).ok())
-                                    .map(|k| k.counter_id);
-                                if let Some(c) = counter {
-                                    if let Ok(mut v) = r.lock() {
-                                        v.push((c as u64, now));
-                                    }
+                                if let Ok(mut v) = r.lock() {
+                                    v.push((s.metrics.counter_id as u64, now));
                                 }
                                 c.fetch_add(1, Ordering::Relaxed);
                                 cpu.store(thread_cpu_ns(), Ordering::Relaxed);
