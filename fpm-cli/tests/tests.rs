@@ -1,5 +1,131 @@
 //! End-to-end tests of the `fpm` binary.
 
+/// Real processes and engines shared by the end-to-end modules.
+mod procs {
+    use std::process::{Child, Command, Stdio};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use fpm_emitter::{ClockChoice, Emitter, EmitterConfig, EmitterStats, Endpoint, StreamHandle};
+    use fpm_schema::{QueuedRequestMetrics, ScheduledRequestMetrics};
+    use fpm_subscriber::record::{read_records, Record};
+
+    pub struct Kill(pub Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    pub fn fpm() -> Command {
+        Command::new(env!("CARGO_BIN_EXE_fpm"))
+    }
+
+    /// `fpm relay` from one engine endpoint to `nats`, namespace `ns`.
+    pub fn relay(endpoint: &str, nats: &str, ns: &str) -> Kill {
+        Kill(
+            fpm()
+                .args(["-q", "relay", "--zmq-endpoint", endpoint, "--namespace", ns])
+                .args(["--nats-url", nats, "--metrics-addr", "off"])
+                .spawn()
+                .unwrap(),
+        )
+    }
+
+    pub fn record(out: &std::path::Path, nats: &str, ns: &str) -> Child {
+        fpm()
+            .args([
+                "-q",
+                "record",
+                "--namespace",
+                ns,
+                "--nats-url",
+                nats,
+                "--output",
+            ])
+            .arg(out)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    pub fn sigterm(c: &Child) {
+        Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status()
+            .unwrap();
+    }
+
+    pub fn stop_record(c: Child) -> String {
+        sigterm(&c);
+        let out = c.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(0));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// An engine emitting `rate` iterations per second until `stop`; returns its final stats.
+    pub fn engine(
+        endpoint: String,
+        rate: f64,
+        stop: Arc<AtomicBool>,
+    ) -> std::thread::JoinHandle<EmitterStats> {
+        std::thread::spawn(move || {
+            let cfg = EmitterConfig::new(Endpoint::Exact(endpoint), "faulty-worker", 0)
+                .with_clock(ClockChoice::Cpu);
+            let mut e = Emitter::start(cfg).unwrap();
+            let start = Instant::now();
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let next = start + Duration::from_secs_f64(i as f64 / rate);
+                if let Some(d) = next.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(d);
+                }
+                e.begin_iteration();
+                e.time_segment(StreamHandle::DEFAULT, || ());
+                e.submit(
+                    ScheduledRequestMetrics {
+                        num_decode_requests: 4,
+                        sum_decode_kv_tokens: 4000,
+                        ..Default::default()
+                    },
+                    QueuedRequestMetrics::default(),
+                );
+                i += 1;
+            }
+            e.shutdown(Duration::from_secs(2))
+        })
+    }
+
+    pub fn records(path: &std::path::Path) -> Vec<Record> {
+        read_records(std::io::BufReader::new(std::fs::File::open(path).unwrap()))
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    /// "lost: G in N counter gaps, B before start" and the other counts of a record summary.
+    pub fn summary_count(summary: &str, key: &str) -> u64 {
+        if key == "lost" {
+            return summary
+                .split("lost: ")
+                .nth(1)
+                .and_then(|x| x.split(' ').next())
+                .and_then(|x| x.parse().ok())
+                .unwrap();
+        }
+        let at = summary
+            .find(key)
+            .unwrap_or_else(|| panic!("{key}: {summary}"));
+        summary[..at]
+            .rsplit(|c: char| !c.is_ascii_digit())
+            .find(|w| !w.is_empty())
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+}
+
 mod codec {
     use std::io::Write;
     use std::process::{Command, Output, Stdio};
@@ -1086,17 +1212,7 @@ mod subscriber_cmds {
     use fpm_schema::{QueuedRequestMetrics, ScheduledRequestMetrics};
     use fpm_subscriber::record::read_records;
 
-    struct Kill(Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-
-    fn fpm() -> Command {
-        Command::new(env!("CARGO_BIN_EXE_fpm"))
-    }
+    use crate::procs::{fpm, Kill};
 
     /// A relay from `{base}.0` and `{base}.1` to `nats` in namespace `ns`.
     fn relay(base: &str, nats: &str, ns: &str) -> Kill {
@@ -1867,109 +1983,15 @@ mod bench_peer {
     }
 }
 
-/// Issue 12 (first part): faults end to end with real processes — every message the emitter
-/// submitted is delivered or visible as a counted loss downstream.
+/// Faults end to end with real processes (issue 12): every message the emitter submitted is
+/// delivered or visible as a counted loss downstream.
 mod e2e_faults {
-    use std::process::{Child, Command, Stdio};
+    use std::process::{Command, Stdio};
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
-    use fpm_emitter::{ClockChoice, Emitter, EmitterConfig, EmitterStats, Endpoint, StreamHandle};
-    use fpm_schema::{QueuedRequestMetrics, ScheduledRequestMetrics};
-    use fpm_subscriber::record::{read_records, Record};
-
-    struct Kill(Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-
-    fn fpm() -> Command {
-        Command::new(env!("CARGO_BIN_EXE_fpm"))
-    }
-
-    fn relay(endpoint: &str, nats: &str, ns: &str) -> Kill {
-        Kill(
-            fpm()
-                .args(["-q", "relay", "--zmq-endpoint", endpoint, "--namespace", ns])
-                .args(["--nats-url", nats, "--metrics-addr", "off"])
-                .spawn()
-                .unwrap(),
-        )
-    }
-
-    fn record(out: &std::path::Path, nats: &str, ns: &str) -> Child {
-        fpm()
-            .args([
-                "-q",
-                "record",
-                "--namespace",
-                ns,
-                "--nats-url",
-                nats,
-                "--output",
-            ])
-            .arg(out)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap()
-    }
-
-    fn sigterm(c: &Child) {
-        Command::new("kill")
-            .args(["-TERM", &c.id().to_string()])
-            .status()
-            .unwrap();
-    }
-
-    fn stop_record(c: Child) -> String {
-        sigterm(&c);
-        let out = c.wait_with_output().unwrap();
-        assert_eq!(out.status.code(), Some(0));
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    /// An engine emitting `rate` iterations per second until `stop`; returns its final stats.
-    fn engine(
-        endpoint: String,
-        rate: f64,
-        stop: Arc<AtomicBool>,
-    ) -> std::thread::JoinHandle<EmitterStats> {
-        std::thread::spawn(move || {
-            let cfg = EmitterConfig::new(Endpoint::Exact(endpoint), "faulty-worker", 0)
-                .with_clock(ClockChoice::Cpu);
-            let mut e = Emitter::start(cfg).unwrap();
-            let start = Instant::now();
-            let mut i = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                let next = start + Duration::from_secs_f64(i as f64 / rate);
-                if let Some(d) = next.checked_duration_since(Instant::now()) {
-                    std::thread::sleep(d);
-                }
-                e.begin_iteration();
-                e.time_segment(StreamHandle::DEFAULT, || ());
-                e.submit(
-                    ScheduledRequestMetrics {
-                        num_decode_requests: 4,
-                        sum_decode_kv_tokens: 4000,
-                        ..Default::default()
-                    },
-                    QueuedRequestMetrics::default(),
-                );
-                i += 1;
-            }
-            e.shutdown(Duration::from_secs(2))
-        })
-    }
-
-    fn records(path: &std::path::Path) -> Vec<Record> {
-        read_records(std::io::BufReader::new(std::fs::File::open(path).unwrap()))
-            .collect::<Result<_, _>>()
-            .unwrap()
-    }
+    use crate::procs::*;
 
     /// The relay is killed (SIGKILL: its buffer is lost) and restarted while the engine keeps
     /// running. Every submitted message is either recorded or inside a counter gap the
@@ -2035,27 +2057,6 @@ mod e2e_faults {
         let publishers: std::collections::BTreeSet<u64> =
             got.iter().map(|r| r.publisher_id).collect();
         assert_eq!(publishers.len(), 2, "two relay instances");
-    }
-
-    /// "lost: G in N counter gaps, B before start" and the other counts of a record summary.
-    fn summary_count(summary: &str, key: &str) -> u64 {
-        if key == "lost" {
-            return summary
-                .split("lost: ")
-                .nth(1)
-                .and_then(|x| x.split(' ').next())
-                .and_then(|x| x.parse().ok())
-                .unwrap();
-        }
-        let at = summary
-            .find(key)
-            .unwrap_or_else(|| panic!("{key}: {summary}"));
-        summary[..at]
-            .rsplit(|c: char| !c.is_ascii_digit())
-            .find(|w| !w.is_empty())
-            .unwrap()
-            .parse()
-            .unwrap()
     }
 
     /// NATS is killed for 5 s mid-stream (the engine at up to 10,000 messages/s) and
@@ -2334,22 +2335,12 @@ mod e2e_faults {
 /// and the recorder (given every node's URL) carry on through the others, and every counter
 /// is recorded or reported lost.
 mod nats_cluster {
-    use std::process::{Child, Command, Stdio};
+    use std::process::{Command, Stdio};
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
-    use fpm_emitter::{ClockChoice, Emitter, EmitterConfig, Endpoint, StreamHandle};
-    use fpm_schema::{QueuedRequestMetrics, ScheduledRequestMetrics};
-    use fpm_subscriber::record::{read_records, Record};
-
-    struct Kill(Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
+    use crate::procs::{engine, records, stop_record, summary_count, Kill};
 
     #[test]
     fn a_node_dies_and_the_pipeline_carries_on() {
@@ -2441,24 +2432,7 @@ mod nats_cluster {
                 .unwrap(),
         );
         let stop = Arc::new(AtomicBool::new(false));
-        let engine = {
-            let (ep, stop) = (ep.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let cfg = EmitterConfig::new(Endpoint::Exact(ep), "clustered", 0)
-                    .with_clock(ClockChoice::Cpu);
-                let mut e = Emitter::start(cfg).unwrap();
-                while !stop.load(Ordering::Relaxed) {
-                    e.begin_iteration();
-                    e.time_segment(StreamHandle::DEFAULT, || ());
-                    e.submit(
-                        ScheduledRequestMetrics::default(),
-                        QueuedRequestMetrics::default(),
-                    );
-                    std::thread::sleep(Duration::from_micros(500));
-                }
-                e.shutdown(Duration::from_secs(2))
-            })
-        };
+        let engine = engine(ep.clone(), 2000.0, stop.clone());
         std::thread::sleep(Duration::from_millis(1500));
         // Kill the node the relay is connected to.
         let relay_node = (0..3)
@@ -2473,35 +2447,13 @@ mod nats_cluster {
         stop.store(true, Ordering::Relaxed);
         let stats = engine.join().unwrap();
         std::thread::sleep(Duration::from_millis(1000));
-        Command::new("kill")
-            .args(["-TERM", &rec.id().to_string()])
-            .status()
-            .unwrap();
-        let o = rec.wait_with_output().unwrap();
-        let summary = String::from_utf8_lossy(&o.stdout).into_owned();
-        assert_eq!(o.status.code(), Some(0), "{summary}");
-        let got: Vec<Record> =
-            read_records(std::io::BufReader::new(std::fs::File::open(&out).unwrap()))
-                .collect::<Result<_, _>>()
-                .unwrap();
+        let summary = stop_record(rec);
+        let got = records(&out);
         let last = got.last().unwrap().metrics.counter_id as u64;
         // The pipeline carried on after the node died: most of what was published arrived.
         assert!(last + 1 >= stats.published * 9 / 10, "{summary} {stats:?}");
-        let lost = summary
-            .split("lost: ")
-            .nth(1)
-            .and_then(|x| x.split(' ').next())
-            .and_then(|x| x.parse::<u64>().ok())
-            .unwrap();
-        let before: u64 = {
-            let at = summary.find(" before start").unwrap();
-            summary[..at]
-                .rsplit(|c: char| !c.is_ascii_digit())
-                .find(|w| !w.is_empty())
-                .unwrap()
-                .parse()
-                .unwrap()
-        };
+        let lost = summary_count(&summary, "lost");
+        let before = summary_count(&summary, " before start");
         assert_eq!(lost + before + got.len() as u64, last + 1, "{summary}");
         eprintln!("cluster: node {relay_node} killed; {summary}");
     }
