@@ -2029,24 +2029,12 @@ mod e2e_faults {
         // only what the engine counted as dropped.
         assert!(gap > 0, "the outage lost nothing?");
         // "lost: G in N counter gaps, B before start": every missing counter is reported.
-        let number_before = |key: &str| -> u64 {
-            let at = summary
-                .find(key)
-                .unwrap_or_else(|| panic!("{key}: {summary}"));
-            summary[..at]
-                .rsplit(|c: char| !c.is_ascii_digit())
-                .find(|w| !w.is_empty())
-                .unwrap()
-                .parse()
-                .unwrap()
-        };
-        let lost = summary
-            .split("lost: ")
-            .nth(1)
-            .and_then(|x| x.split(' ').next())
-            .and_then(|x| x.parse::<u64>().ok())
-            .unwrap();
-        assert_eq!(lost + number_before(" before start"), gap, "{summary}");
+        let lost = summary_count(&summary, "lost");
+        assert_eq!(
+            lost + summary_count(&summary, " before start"),
+            gap,
+            "{summary}"
+        );
         assert!(summary.contains(" 0 restarts"), "{summary}");
         assert_eq!(
             stats.submitted,
@@ -2304,20 +2292,8 @@ mod e2e_faults {
         // Relay B may have joined a moment after A: the copies are at most n, and every copy
         // is counted as a duplicate or reordered.
         assert!(copies > n / 2, "{copies} of {n}: {summary}");
-        // "…; D duplicates, R reordered, S restarts; …"
-        let count = |key: &str| -> u64 {
-            let at = summary
-                .find(key)
-                .unwrap_or_else(|| panic!("{key}: {summary}"));
-            summary[..at]
-                .rsplit(|c: char| !c.is_ascii_digit())
-                .find(|w| !w.is_empty())
-                .unwrap()
-                .parse()
-                .unwrap()
-        };
         assert_eq!(
-            count(" duplicates") + count(" reordered"),
+            summary_count(&summary, " duplicates") + summary_count(&summary, " reordered"),
             copies,
             "every second copy counted: {summary}"
         );
