@@ -41,7 +41,7 @@ fn labels(st_source: &crate::filter::Source, key: &StreamKey) -> Labels {
 }
 
 /// Per-stream gauge definitions: name, help, value.
-const GAUGES: [GaugeDef; 12] = [
+const GAUGES: [GaugeDef; 14] = [
     (
         "fpm_wall_time_seconds",
         "wall_time of the latest iteration",
@@ -102,20 +102,21 @@ const GAUGES: [GaugeDef; 12] = [
         "1 when the stream has been silent longer than the stale time",
         |s, _| f64::from(u8::from(s.stale)),
     ),
-];
-
-/// Per-stream loss counters: name, help, value.
-const STREAM_COUNTERS: [StreamCounterDef; 4] = [
+    // Gauges, not counters: a message another relay delivers late takes itself back out.
     (
         "fpm_stream_gap_messages",
-        "messages missing in counter gaps",
-        |s| s.counts.gap_messages,
+        "messages missing in counter gaps (a late arrival takes itself back out)",
+        |s, _| s.counts.gap_messages as f64,
     ),
     (
         "fpm_stream_missed_before_start",
-        "messages sent before the stream was first seen",
-        |s| s.counts.missed_before_start,
+        "messages sent before the stream was first seen (a late arrival takes itself back out)",
+        |s, _| s.counts.missed_before_start as f64,
     ),
+];
+
+/// Per-stream loss counters: name, help, value.
+const STREAM_COUNTERS: [StreamCounterDef; 2] = [
     ("fpm_stream_restarts", "producer restarts", |s| {
         s.counts.restarts
     }),
@@ -125,7 +126,7 @@ const STREAM_COUNTERS: [StreamCounterDef; 4] = [
 ];
 
 /// The subscriber's own counters: name, help, value.
-const TOTALS: [TotalDef; 9] = [
+const TOTALS: [TotalDef; 7] = [
     (
         "fpm_subscriber_received_messages",
         "NATS messages received",
@@ -135,11 +136,6 @@ const TOTALS: [TotalDef; 9] = [
         "fpm_subscriber_samples",
         "messages decoded into samples",
         |s| s.samples,
-    ),
-    (
-        "fpm_subscriber_gap_messages",
-        "messages missing in counter gaps, all streams",
-        |s| s.streams.gap_messages,
     ),
     ("fpm_subscriber_duplicates", "duplicated counters", |s| {
         s.streams.duplicates
@@ -152,11 +148,6 @@ const TOTALS: [TotalDef; 9] = [
     ("fpm_subscriber_restarts", "producer restarts", |s| {
         s.streams.restarts
     }),
-    (
-        "fpm_subscriber_missed_before_start",
-        "messages sent before streams were first seen",
-        |s| s.streams.missed_before_start,
-    ),
     (
         "fpm_subscriber_sequence_gap_messages",
         "relay envelopes missing (sequence gaps)",
@@ -178,10 +169,13 @@ pub struct Exporter {
     totals: Vec<Counter>,
     rejected: Family<Vec<(&'static str, &'static str)>, Counter>,
     tracked: Gauge,
+    /// Messages missing now, all streams: counter gaps and before start (gauges: late
+    /// arrivals take themselves back out).
+    missing: [Gauge; 2],
     wall_time: Family<Labels, Histogram>,
     /// Labels of every stream exported, with the last counter values exported.
-    exported: HashMap<StreamKey, (Labels, [u64; 4])>,
-    last_totals: [u64; 9],
+    exported: HashMap<StreamKey, (Labels, [u64; 2])>,
+    last_totals: [u64; 7],
     last_rejected: [u64; RejectReason::ALL.len()],
 }
 
@@ -231,6 +225,17 @@ impl Exporter {
             "streams tracked now",
             tracked.clone(),
         );
+        let missing = [Gauge::default(), Gauge::default()];
+        registry.register(
+            "fpm_subscriber_gap_messages",
+            "messages missing in counter gaps, all streams",
+            missing[0].clone(),
+        );
+        registry.register(
+            "fpm_subscriber_missed_before_start",
+            "messages sent before streams were first seen, all streams",
+            missing[1].clone(),
+        );
         let wall_time = Family::<Labels, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.000_5, 2.0, 14))
         });
@@ -251,9 +256,10 @@ impl Exporter {
             totals,
             rejected,
             tracked,
+            missing,
             wall_time,
             exported: HashMap::new(),
-            last_totals: [0; 9],
+            last_totals: [0; 7],
             last_rejected: [0; RejectReason::ALL.len()],
         }
     }
@@ -276,7 +282,7 @@ impl Exporter {
             self.wall_time
                 .get_or_create(&l)
                 .observe(sample.metrics.wall_time);
-            self.exported.insert(key, (l, [0; 4]));
+            self.exported.insert(key, (l, [0; 2]));
         }
     }
 
@@ -290,7 +296,7 @@ impl Exporter {
             let entry = self
                 .exported
                 .entry(st.key.clone())
-                .or_insert_with(|| (labels(&st.source, &st.key), [0; 4]));
+                .or_insert_with(|| (labels(&st.source, &st.key), [0; 2]));
             for (f, (_, _, value)) in self.gauges.iter().zip(GAUGES.iter()) {
                 f.get_or_create(&entry.0).set(value(st, now_ns));
             }
@@ -336,6 +342,8 @@ impl Exporter {
             self.last_rejected[i] = v;
         }
         self.tracked.set(stats.tracked_streams as i64);
+        self.missing[0].set(i64::try_from(stats.streams.gap_messages).unwrap_or(i64::MAX));
+        self.missing[1].set(i64::try_from(stats.streams.missed_before_start).unwrap_or(i64::MAX));
     }
 
     /// The OpenMetrics text exposition.
@@ -404,10 +412,10 @@ mod tests {
         let l = r#"dynamo_namespace="ns",dynamo_component="backend",dynamo_endpoint="generate",worker_id="w",dp_rank="1""#;
         for line in [
             format!("fpm_scheduled_decode_requests{{{l}}} 7.0"),
-            format!("fpm_stream_gap_messages_total{{{l}}} 1"),
-            format!("fpm_stream_missed_before_start_total{{{l}}} 3"),
+            format!("fpm_stream_gap_messages{{{l}}} 1.0"),
+            format!("fpm_stream_missed_before_start{{{l}}} 3.0"),
             format!("fpm_iteration_wall_time_seconds_count{{{l}}} 3"),
-            "fpm_subscriber_gap_messages_total 1".to_owned(),
+            "fpm_subscriber_gap_messages 1".to_owned(),
             "fpm_subscriber_tracked_streams 1".to_owned(),
             r#"fpm_build_info{version=""#.to_owned(),
         ] {
@@ -415,12 +423,14 @@ mod tests {
         }
         // Counters are not double counted across updates.
         x.update(&t, &stats(&t), 1_000_000_200);
-        assert!(x.encode().contains("fpm_subscriber_gap_messages_total 1"));
+        assert!(x.encode().contains("fpm_subscriber_gap_messages 1"));
         // The stream goes away: its series too.
         t.sweep(5_000_000_000);
         x.update(&t, &stats(&t), 5_000_000_000);
         let text = x.encode();
         assert!(!text.contains(r#"worker_id="w""#), "{text}");
-        assert!(text.contains("fpm_subscriber_gap_messages_total 1"));
+        // Subscriber-wide totals keep what removed streams lost.
+        assert!(text.contains("fpm_subscriber_gap_messages 1"), "{text}");
+        assert!(text.contains("fpm_subscriber_tracked_streams 0"), "{text}");
     }
 }

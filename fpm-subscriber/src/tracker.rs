@@ -93,16 +93,18 @@ pub struct LossCounts {
 
 impl LossCounts {
     fn add(&mut self, o: &LossCounts) {
-        self.received += o.received;
-        self.iterations += o.iterations;
-        self.heartbeats += o.heartbeats;
-        self.gap_messages += o.gap_messages;
-        self.gaps += o.gaps;
-        self.duplicates += o.duplicates;
-        self.reordered += o.reordered;
-        self.late += o.late;
-        self.restarts += o.restarts;
-        self.missed_before_start += o.missed_before_start;
+        self.received = self.received.saturating_add(o.received);
+        self.iterations = self.iterations.saturating_add(o.iterations);
+        self.heartbeats = self.heartbeats.saturating_add(o.heartbeats);
+        self.gap_messages = self.gap_messages.saturating_add(o.gap_messages);
+        self.gaps = self.gaps.saturating_add(o.gaps);
+        self.duplicates = self.duplicates.saturating_add(o.duplicates);
+        self.reordered = self.reordered.saturating_add(o.reordered);
+        self.late = self.late.saturating_add(o.late);
+        self.restarts = self.restarts.saturating_add(o.restarts);
+        self.missed_before_start = self
+            .missed_before_start
+            .saturating_add(o.missed_before_start);
     }
 }
 
@@ -316,12 +318,14 @@ impl Tracker {
                 st.counts.iterations += 1;
             }
             let last = st.latest.counter_id;
-            let obs = if c == last.wrapping_add(1) {
+            // Counters are untrusted input: compare and subtract without overflow.
+            let ahead = i128::from(c) - i128::from(last);
+            let obs = if ahead == 1 {
                 Observation::InOrder
-            } else if c > last {
-                let missing = (c - last - 1) as u64;
+            } else if ahead > 1 {
+                let missing = u64::try_from(ahead - 1).unwrap_or(u64::MAX);
                 st.counts.gaps += 1;
-                st.counts.gap_messages += missing;
+                st.counts.gap_messages = st.counts.gap_messages.saturating_add(missing);
                 Observation::Gap { missing }
             } else if c == last {
                 st.counts.duplicates += 1;
@@ -336,9 +340,10 @@ impl Tracker {
                 match st.missing.get((last - c) as usize).copied() {
                     Some(slot) if slot != RECEIVED => {
                         if slot == IN_GAP {
-                            st.counts.gap_messages -= 1;
+                            st.counts.gap_messages = st.counts.gap_messages.saturating_sub(1);
                         } else {
-                            st.counts.missed_before_start -= 1;
+                            st.counts.missed_before_start =
+                                st.counts.missed_before_start.saturating_sub(1);
                         }
                         st.missing[(last - c) as usize] = RECEIVED;
                         st.counts.late += 1;
@@ -362,7 +367,7 @@ impl Tracker {
                     st.missing = start_window(c, window);
                 }
                 Observation::InOrder | Observation::Gap { .. } => {
-                    let gap = (c - last - 1) as u64;
+                    let gap = u64::try_from(ahead - 1).unwrap_or(u64::MAX);
                     for _ in 0..gap.min(window) {
                         st.missing.push_front(IN_GAP);
                     }
@@ -423,7 +428,10 @@ impl Tracker {
         let now = s.received_at_ns;
         if let Some(p) = self.publishers.get_mut(&s.publisher_id) {
             if s.sequence > p.last {
-                self.sequence.gap_messages += s.sequence - p.last - 1;
+                self.sequence.gap_messages = self
+                    .sequence
+                    .gap_messages
+                    .saturating_add(s.sequence - p.last - 1);
             } else {
                 self.sequence.resets += 1;
             }
@@ -712,6 +720,37 @@ mod tests {
             );
             assert_eq!(k.received, order.len() as u64);
         }
+    }
+
+    /// Counters and sequences are untrusted: extreme values never overflow (no panic in
+    /// debug builds), counts saturate.
+    #[test]
+    fn extreme_counters_and_sequences_do_not_overflow() {
+        let mut t = Tracker::new(TrackerConfig::default());
+        let extremes = [
+            i64::MIN,
+            0,
+            i64::MAX,
+            i64::MIN,
+            -1,
+            i64::MAX,
+            i64::MAX - 1,
+            1,
+            i64::MAX,
+        ];
+        for (i, &c) in extremes.iter().enumerate() {
+            for relay in [1, 2] {
+                let mut s = sample("w", 0, c, 0.01, i as u64);
+                s.publisher_id = relay;
+                s.sequence = if i % 2 == 0 { u64::MAX } else { 0 };
+                t.observe(&s);
+            }
+        }
+        let k = t.get("w", 0).unwrap().counts;
+        assert_eq!(k.received, 18);
+        assert!(k.gap_messages <= u64::MAX);
+        let _ = t.totals();
+        let _ = t.sequence();
     }
 
     #[test]
