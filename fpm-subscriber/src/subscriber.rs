@@ -8,7 +8,7 @@ use futures_util::stream::{SelectAll, StreamExt};
 
 use crate::filter::SubjectFilter;
 use crate::ingest::{Ingest, RejectCounts, Sample};
-use crate::tracker::{LossCounts, SequenceCounts, Sweep, Tracker, TrackerConfig};
+use crate::tracker::{LossCounts, Observation, SequenceCounts, Sweep, Tracker, TrackerConfig};
 
 /// The wall clock in Unix nanoseconds (receive timestamps).
 pub fn unix_now_ns() -> u64 {
@@ -86,6 +86,7 @@ pub struct Subscriber {
     slow_consumer: Arc<AtomicU64>,
     sweep_interval_ns: u64,
     last_sweep_ns: u64,
+    last_observation: Option<Observation>,
 }
 
 /// Where messages come from.
@@ -113,6 +114,7 @@ impl Subscriber {
             slow_consumer: Arc::new(AtomicU64::new(0)),
             sweep_interval_ns: config.sweep_interval.as_nanos() as u64,
             last_sweep_ns: unix_now_ns(),
+            last_observation: None,
         }
     }
 
@@ -135,6 +137,7 @@ impl Subscriber {
             slow_consumer: Arc::new(AtomicU64::new(0)),
             sweep_interval_ns: config.sweep_interval.as_nanos() as u64,
             last_sweep_ns: unix_now_ns(),
+            last_observation: None,
         })
     }
 
@@ -164,10 +167,17 @@ impl Subscriber {
                 },
             };
             if let Ok(sample) = sample {
-                self.tracker.observe(&sample);
+                self.last_observation = Some(self.tracker.observe(&sample));
                 return Some(sample);
             }
         }
+    }
+
+    /// What the tracker made of the sample [`Subscriber::next`] returned last (`None` before
+    /// the first). Feed histograms and models only samples whose observation
+    /// [`Observation::is_new_iteration`], or a sample two relays deliver counts twice.
+    pub fn last_observation(&self) -> Option<Observation> {
+        self.last_observation
     }
 
     fn maybe_sweep(&mut self) -> u64 {

@@ -140,6 +140,17 @@ pub enum Observation {
 }
 
 impl Observation {
+    /// Is this sample an iteration not seen before, of a tracked stream? True for all but
+    /// duplicates, reordered copies and untracked streams' samples (which cannot be told
+    /// apart from copies): what histograms and models should take, so that a sample two
+    /// relays deliver counts once.
+    pub fn is_new_iteration(&self) -> bool {
+        !matches!(
+            self,
+            Observation::Duplicate | Observation::Reordered | Observation::Untracked
+        )
+    }
+
     /// Did this sample become the stream's latest?
     pub fn applied(&self) -> bool {
         !matches!(

@@ -327,6 +327,70 @@ async fn in_process_event_plane() {
     e.shutdown(Duration::from_secs(1));
 }
 
+/// Two relays deliver the same iterations, interleaved and out of order: every sample is
+/// returned, and `last_observation` marks each iteration new exactly once, so histograms and
+/// models fed by it count each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_iteration_is_new_once_across_two_relays() {
+    use fpm_subscriber::Observation;
+    let (tx, _) = tokio::sync::broadcast::channel(1 << 12);
+    let mut sub = Subscriber::from_memory(tx.subscribe(), SubscriberConfig::new(filter("mem")));
+    assert_eq!(sub.last_observation(), None);
+    let send = |relay: u64, seq: u64, counter: i64| {
+        let mut m = fpm_schema::ForwardPassMetrics::heartbeat("w", 0);
+        m.counter_id = counter;
+        m.wall_time = 0.01;
+        let env = fpm_schema::Envelope {
+            publisher_id: relay,
+            sequence: seq,
+            published_at: 0,
+            topic: fpm_schema::FPM_TOPIC,
+            payload: &fpm_schema::encode(&m),
+        }
+        .encode();
+        tx.send((
+            "namespace.mem.component.backend.endpoint.generate.forward-pass-metrics".into(),
+            env.into(),
+        ))
+        .unwrap();
+    };
+    // Relay 1 in order but missing 5..10; relay 2 a bit behind and complete.
+    let mut sent = 0;
+    let (mut seq1, mut seq2) = (0, 0);
+    for c in 0..40i64 {
+        if !(5..10).contains(&c) {
+            send(1, seq1, c);
+            seq1 += 1;
+            sent += 1;
+        }
+        if c >= 3 {
+            send(2, seq2, c - 3);
+            seq2 += 1;
+            sent += 1;
+        }
+    }
+    let mut new = Vec::new();
+    let mut copies = 0;
+    for _ in 0..sent {
+        let s = timeout(T, sub.next()).await.unwrap().unwrap();
+        let o = sub.last_observation().unwrap();
+        if o.is_new_iteration() {
+            new.push(s.metrics.counter_id);
+        } else {
+            assert!(
+                matches!(o, Observation::Duplicate | Observation::Reordered),
+                "{o:?}"
+            );
+            copies += 1;
+        }
+    }
+    new.sort_unstable();
+    assert_eq!(new, (0..40).collect::<Vec<_>>());
+    assert_eq!(copies + 40, sent);
+    let st = sub.stats().streams;
+    assert_eq!(st.gap_messages, 0, "the late copies filled the gap: {st:?}");
+}
+
 /// Hostile input on the NATS subject, interleaved with good traffic: nothing panics, every bad
 /// message is counted by reason, every good one (NaN and infinite floats, a 60 KB worker id
 /// included) is delivered.

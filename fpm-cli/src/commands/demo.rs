@@ -140,6 +140,18 @@ impl Tally {
 }
 
 /// The coefficients the simulator's cost model implies for each planner model's features.
+/// Samples kept for the plot and the predicted-vs-observed error: the run's last ones, so a
+/// long run at a high rate stays bounded (about 200 B each).
+const MAX_RECORDS: usize = 200_000;
+
+/// Keeps `r`; past [`MAX_RECORDS`] the older half goes (amortised O(1)).
+fn keep(records: &mut Vec<Record>, r: Record) {
+    if records.len() >= MAX_RECORDS {
+        records.drain(..MAX_RECORDS / 2);
+    }
+    records.push(r);
+}
+
 fn given(cost: &CostModel, kind: ModelKind) -> Vec<f64> {
     match kind {
         ModelKind::Prefill => vec![cost.prefill_token_s],
@@ -296,8 +308,10 @@ pub fn run(args: DemoArgs) -> Result<()> {
                     out.flush()?;
                 }
                 s = sub.next() => if let Some(s) = s {
-                    models.push(&s.metrics);
-                    records.push(Record::from(&s));
+                    if sub.last_observation().is_some_and(|o| o.is_new_iteration()) {
+                        models.push(&s.metrics);
+                        keep(&mut records, Record::from(&s));
+                    }
                 },
             }
         }
@@ -306,7 +320,11 @@ pub fn run(args: DemoArgs) -> Result<()> {
         let reports: Vec<(String, RankReport)> = tokio::task::spawn_blocking(move || {
             fleet
                 .into_iter()
-                .filter_map(|t| t.join().ok())
+                // A panicked engine thread is an error, not a quietly missing worker.
+                .map(|t| match t.join() {
+                    Ok(r) => r.map_err(anyhow::Error::from),
+                    Err(_) => Err(anyhow::anyhow!("a simulated engine thread panicked")),
+                })
                 .collect::<Result<Vec<Vec<(String, RankReport)>>, _>>()
         })
         .await??
@@ -326,8 +344,10 @@ pub fn run(args: DemoArgs) -> Result<()> {
                 break;
             }
             if let Ok(Some(s)) = tokio::time::timeout(Duration::from_millis(50), sub.next()).await {
-                models.push(&s.metrics);
-                records.push(Record::from(&s));
+                if sub.last_observation().is_some_and(|o| o.is_new_iteration()) {
+                    models.push(&s.metrics);
+                    keep(&mut records, Record::from(&s));
+                }
             }
         }
         relay_stop.cancel();
@@ -390,7 +410,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
                     .zip(feature_names(kind))
                     .map(|((c, g), n)| format!("{n} {c:.3e} (given {g:.3e})"))
                     .collect();
-                // Predicted vs observed over every iteration of the run.
+                // Predicted vs observed over the iterations kept (the run's last MAX_RECORDS at most).
                 let (mut n, mut abs_rel) = (0usize, 0.0f64);
                 for r in records.iter().filter(|r| r.metrics.wall_time > 0.0) {
                     let p = fit.predict(&kind.features(&r.metrics));
@@ -467,6 +487,32 @@ pub fn run(args: DemoArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn records_stay_bounded_and_keep_the_latest() {
+        let mut records = Vec::new();
+        let n = MAX_RECORDS * 2 + 7;
+        for i in 0..n {
+            let mut metrics = fpm_schema::ForwardPassMetrics::heartbeat("w", 0);
+            metrics.counter_id = i as i64;
+            keep(
+                &mut records,
+                Record {
+                    received_at_ns: 0,
+                    publisher_id: 0,
+                    sequence: i as u64,
+                    metrics,
+                },
+            );
+        }
+        assert!(records.len() <= MAX_RECORDS);
+        assert_eq!(records.last().unwrap().metrics.counter_id, n as i64 - 1);
+        let first = records[0].metrics.counter_id;
+        assert!(records
+            .iter()
+            .zip(first..)
+            .all(|(r, c)| r.metrics.counter_id == c));
+    }
 
     #[test]
     fn verdicts() {

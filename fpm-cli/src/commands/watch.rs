@@ -390,12 +390,15 @@ pub fn run(args: WatchArgs) -> Result<()> {
                 }
                 _ = model_tick.tick() => models.tick(),
                 s = sub.next() => match s {
-                    Some(s) => {
+                    // A copy another relay delivered, or an untracked stream's sample, does
+                    // not go into the histogram or the models: each iteration counts once.
+                    Some(s) if sub.last_observation().is_some_and(|o| o.is_new_iteration()) => {
                         if let Ok(mut e) = exporter.lock() {
                             e.observe(&s);
                         }
                         models.push(&s.metrics);
                     }
+                    Some(_) => {}
                     None => break,
                 },
             }
