@@ -292,6 +292,7 @@ impl Emitter {
     }
 
     /// Marks the start of a forward segment on `stream` (the first one starts the span).
+    /// Segments pair up: a start while one is open makes the iteration `unpaired_segment`.
     #[inline]
     pub fn segment_start(&mut self, stream: StreamHandle) {
         let (cur, clock) = self.current();
@@ -305,6 +306,10 @@ impl Emitter {
             SpanState::Started { stream: s, .. } if s != stream => {
                 cur.state = SpanState::MultiStream
             }
+            // A start while a segment is open: the pairs are off, the span means nothing.
+            SpanState::Started { open: true, .. } => {
+                cur.state = SpanState::Failed(TimingError::Unpaired)
+            }
             SpanState::Started { stream: s, .. } => {
                 cur.state = SpanState::Started {
                     stream: s,
@@ -315,11 +320,17 @@ impl Emitter {
         }
     }
 
-    /// Marks the end of a forward segment on `stream` (the last one ends the span).
+    /// Marks the end of a forward segment on `stream` (the last one ends the span). An end
+    /// with no segment open makes the iteration `unpaired_segment`.
     #[inline]
     pub fn segment_end(&mut self, stream: StreamHandle) {
         let (cur, clock) = self.current();
         match cur.state {
+            // An end with no segment open (a second end): the pairs are off.
+            SpanState::Started {
+                stream: s,
+                open: false,
+            } if s == stream => cur.state = SpanState::Failed(TimingError::Unpaired),
             SpanState::Started { stream: s, .. } if s == stream => {
                 cur.state = match clock.mark_end(&mut cur.span, stream) {
                     Ok(()) => SpanState::Started {

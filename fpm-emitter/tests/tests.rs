@@ -275,8 +275,25 @@ mod logic {
             e.submit(batch(1), QueuedRequestMetrics::default()),
             Some(DropReason::Unpaired)
         );
+        // And pairs that are off: start, start, end and start, end, end.
+        e.begin_iteration();
+        e.segment_start(stream_id(1));
+        e.segment_start(stream_id(1));
+        e.segment_end(stream_id(1));
+        assert_eq!(
+            e.submit(batch(1), QueuedRequestMetrics::default()),
+            Some(DropReason::Unpaired)
+        );
+        e.begin_iteration();
+        e.segment_start(stream_id(1));
+        e.segment_end(stream_id(1));
+        e.segment_end(stream_id(1));
+        assert_eq!(
+            e.submit(batch(1), QueuedRequestMetrics::default()),
+            Some(DropReason::Unpaired)
+        );
         let stats = e.shutdown(Duration::from_secs(1));
-        assert_eq!(stats.dropped.unpaired_segment, 2);
+        assert_eq!(stats.dropped.unpaired_segment, 4);
         assert_eq!(stats.skipped_multi_stream(), 1);
         assert_eq!(stats.published, 1);
         // The skipped iteration consumed counter 0: the published one is 1.
