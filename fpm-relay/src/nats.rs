@@ -267,9 +267,11 @@ pub fn spawn_local_server(
         let _ = child.kill();
         let _ = child.wait();
         if Instant::now() >= deadline {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
             return Err(std::io::Error::other(format!(
-                "nats-server did not start; log:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
+                "nats-server did not start within 10 s: {} (log {})",
+                last_error_line(&text).unwrap_or("no log line"),
+                log.display()
             )));
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -282,9 +284,30 @@ fn parse_server_port(log: &str) -> Option<u16> {
     line.rsplit(':').next()?.trim().parse().ok()
 }
 
+/// The line of nats-server's log that says why it stopped: the last fatal or error line,
+/// else the last line. One line, for a one-line error.
+fn last_error_line(log: &str) -> Option<&str> {
+    let lines = || log.lines().map(str::trim).filter(|l| !l.is_empty());
+    lines()
+        .filter(|l| l.contains("[FTL]") || l.contains("[ERR]"))
+        .last()
+        .or_else(|| lines().last())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_error_line_is_one_line() {
+        let log = "[1] [INF] Starting nats-server\n[1] [FTL] Error listening on port: 127.0.0.1:4222, \"address already in use\"\n[1] [INF] Server Exiting..\n\n";
+        assert_eq!(
+            last_error_line(log),
+            Some("[1] [FTL] Error listening on port: 127.0.0.1:4222, \"address already in use\"")
+        );
+        assert_eq!(last_error_line("[INF] a\n[INF] b\n"), Some("[INF] b"));
+        assert_eq!(last_error_line(""), None);
+    }
 
     #[test]
     fn parses_the_port_line() {
