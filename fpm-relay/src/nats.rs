@@ -287,11 +287,10 @@ fn parse_server_port(log: &str) -> Option<u16> {
 /// The line of nats-server's log that says why it stopped: the last fatal or error line,
 /// else the last line. One line, for a one-line error.
 fn last_error_line(log: &str) -> Option<&str> {
-    let lines = || log.lines().map(str::trim).filter(|l| !l.is_empty());
+    let lines = || log.lines().rev().map(str::trim).filter(|l| !l.is_empty());
     lines()
-        .filter(|l| l.contains("[FTL]") || l.contains("[ERR]"))
-        .last()
-        .or_else(|| lines().last())
+        .find(|l| l.contains("[FTL]") || l.contains("[ERR]"))
+        .or_else(|| lines().next())
 }
 
 #[cfg(test)]
