@@ -1901,6 +1901,9 @@ mod bench {
         assert!(p50 > 0.0 && p999 >= p50, "{row}");
         let rss: f64 = cells[11].parse().unwrap();
         assert!(rss > 1.0, "{row}");
+        // The subscriber thread's CPU, read from outside it: measured, and plausible.
+        let sub_cpu: f64 = cells[12].parse().unwrap();
+        assert!(sub_cpu > 0.0 && sub_cpu < 1000.0, "{row}");
         let files: Vec<_> = std::fs::read_dir(out_dir.path())
             .unwrap()
             .flatten()

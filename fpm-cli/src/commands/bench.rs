@@ -3,7 +3,8 @@
 //! `FpmEventRelay` in place of ours in the same run, and the ratio.
 //!
 //! Latency is from `submit` on the scheduler thread to receipt by the subscriber, paired by
-//! `counter_id`, on one clock (both ends live in this process). Relay CPU time and peak RSS
+//! `counter_id`, on one clock (both ends live in this process), over the window's first
+//! [`LATENCY_SAMPLES`] iterations. Relay CPU time and peak RSS
 //! come from `/proc/<pid>` of the relay process; the subscriber's CPU from its own thread's
 //! `/proc/self/task/<tid>/schedstat`.
 
@@ -149,9 +150,22 @@ fn process_peak_rss_mib(pid: u32) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-/// CPU nanoseconds of the calling thread.
-fn thread_cpu_ns() -> u64 {
-    std::fs::read_to_string("/proc/thread-self/schedstat")
+/// Iterations per rate whose latency is measured (the window's first ones): bounds the
+/// bench's memory at `--rate max` over a long `--duration` (40 B per iteration). Delivery is
+/// counted over the whole window regardless.
+const LATENCY_SAMPLES: u64 = 5_000_000;
+
+/// The calling thread's `schedstat` path, for another thread to read its CPU time.
+fn own_schedstat_path() -> std::io::Result<PathBuf> {
+    // "/proc/thread-self" links to "<pid>/task/<tid>".
+    Ok(Path::new("/proc")
+        .join(std::fs::read_link("/proc/thread-self")?)
+        .join("schedstat"))
+}
+
+/// CPU nanoseconds of the thread whose `schedstat` is at `path` (0 if unreadable).
+fn thread_cpu_ns(path: &Path) -> u64 {
+    std::fs::read_to_string(path)
         .ok()
         .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
         .unwrap_or(0)
@@ -165,11 +179,17 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted[rank - 1]
 }
 
-/// The subscriber thread: receipt instants by counter, and its CPU time.
+/// The subscriber thread: receipt instants by counter (the window's first
+/// [`LATENCY_SAMPLES`]), what it delivered, and its CPU time (read from outside it, so the
+/// measurement costs it nothing).
 struct SubscriberThread {
     received: Arc<Mutex<Vec<(u64, Instant)>>>,
     count: Arc<AtomicU64>,
-    cpu_ns: Arc<AtomicU64>,
+    /// The window's first counter (`u64::MAX` before it opens).
+    window_first: Arc<AtomicU64>,
+    /// Iterations (heartbeats excluded) with a counter in the window, delivered.
+    in_window: Arc<AtomicU64>,
+    schedstat: PathBuf,
     stop: tokio::sync::watch::Sender<bool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -178,13 +198,15 @@ impl SubscriberThread {
     fn start(nats_url: &str) -> Result<Self> {
         let received = Arc::new(Mutex::new(Vec::with_capacity(1 << 20)));
         let count = Arc::new(AtomicU64::new(0));
-        let cpu_ns = Arc::new(AtomicU64::new(0));
+        let window_first = Arc::new(AtomicU64::new(u64::MAX));
+        let in_window = Arc::new(AtomicU64::new(0));
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
-        let (r, c, cpu, url) = (
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<PathBuf, String>>();
+        let (r, c, wf, iw, url) = (
             received.clone(),
             count.clone(),
-            cpu_ns.clone(),
+            window_first.clone(),
+            in_window.clone(),
             nats_url.to_owned(),
         );
         let thread = std::thread::Builder::new()
@@ -234,33 +256,41 @@ impl SubscriberThread {
                         }
                     };
                     let _ = client.flush().await;
-                    let _ = ready_tx.send(Ok(()));
+                    let _ = ready_tx.send(own_schedstat_path().map_err(|e| e.to_string()));
                     loop {
                         tokio::select! {
                             _ = stopped.changed() => break,
                             s = sub.next() => {
                                 let Some(s) = s else { break };
                                 let now = Instant::now();
-                                if let Ok(mut v) = r.lock() {
-                                    v.push((s.metrics.counter_id as u64, now));
+                                let counter = s.metrics.counter_id as u64;
+                                let first = wf.load(Ordering::Relaxed);
+                                if !s.is_heartbeat() && counter >= first {
+                                    iw.fetch_add(1, Ordering::Relaxed);
+                                    if counter - first < LATENCY_SAMPLES {
+                                        if let Ok(mut v) = r.lock() {
+                                            v.push((counter, now));
+                                        }
+                                    }
                                 }
                                 c.fetch_add(1, Ordering::Relaxed);
-                                cpu.store(thread_cpu_ns(), Ordering::Relaxed);
                             }
                         }
                     }
                 });
             })
             .context("cannot start the subscriber thread")?;
-        match ready_rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => bail!("the bench subscriber cannot connect to NATS: {e}"),
+        let schedstat = match ready_rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(path)) => path,
+            Ok(Err(e)) => bail!("the bench subscriber cannot start: {e}"),
             Err(_) => bail!("the bench subscriber did not start"),
-        }
+        };
         Ok(SubscriberThread {
             received,
             count,
-            cpu_ns,
+            window_first,
+            in_window,
+            schedstat,
             stop,
             thread: Some(thread),
         })
@@ -359,7 +389,8 @@ fn run_one(args: &BenchArgs, rate: BenchRate, peer: Option<Peer>, tmp: &Path) ->
     let count_before = sub.count.load(Ordering::Relaxed);
     let relay_cpu0 = process_cpu_s(relay_pid);
     let relay_counts0 = relay_counts(&metrics_addr, peer);
-    let sub_cpu0 = sub.cpu_ns.load(Ordering::Relaxed);
+    let sub_cpu0 = thread_cpu_ns(&sub.schedstat);
+    sub.window_first.store(first, Ordering::Relaxed);
     // Drive.
     let mut submitted_at: Vec<Instant> = Vec::with_capacity(1 << 20);
     let start = Instant::now();
@@ -373,7 +404,9 @@ fn run_one(args: &BenchArgs, rate: BenchRate, peer: Option<Peer>, tmp: &Path) ->
         }
         emitter.begin_iteration();
         emitter.time_segment(StreamHandle::DEFAULT, || ());
-        submitted_at.push(Instant::now());
+        if i < LATENCY_SAMPLES {
+            submitted_at.push(Instant::now());
+        }
         emitter.submit(batch(i), QueuedRequestMetrics::default());
         i += 1;
     }
@@ -397,16 +430,15 @@ fn run_one(args: &BenchArgs, rate: BenchRate, peer: Option<Peer>, tmp: &Path) ->
         _ => None,
     };
     let relay_rss = process_peak_rss_mib(relay_pid);
-    let sub_cpu = sub.cpu_ns.load(Ordering::Relaxed).saturating_sub(sub_cpu0);
+    let sub_cpu = thread_cpu_ns(&sub.schedstat).saturating_sub(sub_cpu0);
     let lost_emitter = emitter.stats().dropped.total() - dropped_before;
     let mut latencies: Vec<f64> = Vec::new();
-    let mut delivered = 0u64;
+    // The emitter submits nothing after the window, and heartbeats are not counted.
+    let delivered = sub.in_window.load(Ordering::Relaxed).min(sent);
     if let Ok(v) = sub.received.lock() {
         for &(c, at) in v.iter() {
-            if c >= first && c < first + sent {
-                delivered += 1;
-                let sub_at = submitted_at[(c - first) as usize];
-                latencies.push(at.saturating_duration_since(sub_at).as_secs_f64() * 1e6);
+            if let Some(sub_at) = submitted_at.get((c - first) as usize) {
+                latencies.push(at.saturating_duration_since(*sub_at).as_secs_f64() * 1e6);
             }
         }
     }
