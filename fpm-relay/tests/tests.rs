@@ -310,6 +310,60 @@ mod relay {
         within(10, relay.wait()).await;
     }
 
+    /// A relay stopped while messages pour in delivers or counts every one it received: after
+    /// `wait`, `received == published + dropped + invalid`, and a NATS subscriber got exactly
+    /// `published` (its buffer and the NATS client's outgoing buffer are flushed on the way
+    /// out). Three rounds, to catch the race.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stopped_under_load_delivers_or_counts_everything() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        for round in 0..3 {
+            let nats = NatsServer::start();
+            let dir = tempfile::tempdir().unwrap();
+            let ep = fpm_testkit::ipc_base(dir.path(), "load") + ".0";
+            let mut engine = Engine::bind(&ep);
+            let (relay, stop) = start(vec![ep.clone()], &nats.url(), |c| {
+                c.shutdown_timeout = Duration::from_secs(3);
+            })
+            .await;
+            let mut sub = subscribe(&nats.url(), SUBJECT).await;
+            engine.warm_up(&relay, "w").await;
+            let base = relay.stats().received;
+            let pouring = Arc::new(AtomicBool::new(true));
+            let p = pouring.clone();
+            let pour = std::thread::spawn(move || {
+                while p.load(Ordering::Relaxed) {
+                    engine.send_next("w");
+                }
+                engine.counter
+            });
+            wait_for(Duration::from_secs(20), || {
+                relay.stats().received > base + 20_000
+            })
+            .await;
+            stop.cancel();
+            let s = within(10, relay.wait()).await;
+            pouring.store(false, Ordering::Relaxed);
+            let sent = pour.join().unwrap();
+            assert_eq!(
+                s.received,
+                s.published + s.dropped.total() + s.invalid.total(),
+                "round {round}: {s:?}"
+            );
+            assert!(s.received <= sent, "round {round}: {s:?}");
+            let got = collect(&mut sub, s.published as usize, Duration::from_secs(10)).await;
+            assert_eq!(got.len() as u64, s.published, "round {round}: {s:?}");
+            // And nothing more (no copies).
+            let more = collect(&mut sub, 1, Duration::from_millis(300)).await;
+            assert!(more.is_empty(), "round {round}: {s:?}");
+            eprintln!(
+                "round {round}: received {}, published {}, dropped {:?}",
+                s.received, s.published, s.dropped
+            );
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn shutdown_within_timeout_counts_unflushed_and_removes_record() {
         let mut nats = NatsServer::start();
