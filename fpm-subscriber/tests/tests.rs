@@ -264,6 +264,26 @@ async fn through_dynamos_relay() {
     e.shutdown(Duration::from_secs(1));
 }
 
+/// `metrics` as relay `publisher_id` would publish it on the in-process plane, namespace "mem".
+fn on_mem_plane(
+    publisher_id: u64,
+    sequence: u64,
+    metrics: &fpm_schema::ForwardPassMetrics,
+) -> (String, bytes::Bytes) {
+    let env = fpm_schema::Envelope {
+        publisher_id,
+        sequence,
+        published_at: 0,
+        topic: fpm_schema::FPM_TOPIC,
+        payload: &fpm_schema::encode(metrics),
+    }
+    .encode();
+    (
+        "namespace.mem.component.backend.endpoint.generate.forward-pass-metrics".into(),
+        env.into(),
+    )
+}
+
 /// The in-process event plane (no NATS server): every message arrives; a subscriber that
 /// falls behind the channel's capacity counts what it lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -303,19 +323,8 @@ async fn in_process_event_plane() {
     let (tx2, _) = tokio::sync::broadcast::channel(8);
     let mut slow = Subscriber::from_memory(tx2.subscribe(), SubscriberConfig::new(filter("mem")));
     for s in &got[..50] {
-        let env = fpm_schema::Envelope {
-            publisher_id: 9,
-            sequence: s.metrics.counter_id as u64,
-            published_at: 0,
-            topic: fpm_schema::FPM_TOPIC,
-            payload: &fpm_schema::encode(&s.metrics),
-        }
-        .encode();
-        tx2.send((
-            "namespace.mem.component.backend.endpoint.generate.forward-pass-metrics".into(),
-            env.into(),
-        ))
-        .unwrap();
+        tx2.send(on_mem_plane(9, s.metrics.counter_id as u64, &s.metrics))
+            .unwrap();
     }
     let kept = take(&mut slow, 8).await;
     let st = slow.stats();
@@ -340,19 +349,7 @@ async fn each_iteration_is_new_once_across_two_relays() {
         let mut m = fpm_schema::ForwardPassMetrics::heartbeat("w", 0);
         m.counter_id = counter;
         m.wall_time = 0.01;
-        let env = fpm_schema::Envelope {
-            publisher_id: relay,
-            sequence: seq,
-            published_at: 0,
-            topic: fpm_schema::FPM_TOPIC,
-            payload: &fpm_schema::encode(&m),
-        }
-        .encode();
-        tx.send((
-            "namespace.mem.component.backend.endpoint.generate.forward-pass-metrics".into(),
-            env.into(),
-        ))
-        .unwrap();
+        tx.send(on_mem_plane(relay, seq, &m)).unwrap();
     };
     // Relay 1 in order but missing 5..10; relay 2 a bit behind and complete.
     let mut sent = 0;
