@@ -807,18 +807,8 @@ mod interop {
             .with_clock(ClockChoice::Cpu)
             .with_heartbeat_interval(Duration::from_millis(100));
         let mut e = Emitter::start(cfg).unwrap();
-        let mut child = Command::new(py)
-            .arg(fpm_testkit::repo_root().join("interop/dynamo_peer.py"))
-            .args(["dynamo-relay", "--namespace", "fpmemit", "--zmq-endpoint"])
-            .arg(format!("{base}.0"))
-            .args(["--count", "100000", "--timeout", "60"])
-            .env("DYN_FILE_KV", kv.path())
-            .env("NATS_SERVER", nats.url())
-            .env("DYN_LOG", "error")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
+        let mut child =
+            fpm_testkit::dynamo_relay(&py, "fpmemit", &format!("{base}.0"), kv.path(), &nats.url());
         let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
         let stdout = child.stdout.take().unwrap();
         let reader = std::thread::spawn(move || {

@@ -186,7 +186,6 @@ async fn silent_streams_go_stale_then_away() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn through_dynamos_relay() {
     use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
     let Some(py) = fpm_testkit::python() else {
         return;
     };
@@ -203,23 +202,13 @@ async fn through_dynamos_relay() {
         .unwrap();
     client.flush().await.unwrap();
     let mut e = emitter(&base, "dyn-worker", 0);
-    let mut child = Command::new(py)
-        .arg(fpm_testkit::repo_root().join("interop/dynamo_peer.py"))
-        .args([
-            "dynamo-relay",
-            "--namespace",
-            "fromdynamo",
-            "--zmq-endpoint",
-        ])
-        .arg(format!("{base}.0"))
-        .args(["--count", "100000", "--timeout", "60"])
-        .env("DYN_FILE_KV", kv.path())
-        .env("NATS_SERVER", nats.url())
-        .env("DYN_LOG", "error")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+    let mut child = fpm_testkit::dynamo_relay(
+        &py,
+        "fromdynamo",
+        &format!("{base}.0"),
+        kv.path(),
+        &nats.url(),
+    );
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     std::thread::spawn(move || {

@@ -47,6 +47,30 @@ pub fn python() -> Option<PathBuf> {
     None
 }
 
+/// Starts Dynamo 1.6.1's own relay (`FpmEventRelay`, through `interop/dynamo_peer.py
+/// dynamo-relay`) reading `zmq_endpoint` and publishing to `nats_url` under `namespace`, its
+/// discovery records in `kv`: stdout piped (its JSON lines), stderr inherited.
+pub fn dynamo_relay(
+    py: &Path,
+    namespace: &str,
+    zmq_endpoint: &str,
+    kv: &Path,
+    nats_url: &str,
+) -> Child {
+    Command::new(py)
+        .arg(repo_root().join("interop/dynamo_peer.py"))
+        .args(["dynamo-relay", "--namespace", namespace, "--zmq-endpoint"])
+        .arg(zmq_endpoint)
+        .args(["--count", "100000", "--timeout", "60"])
+        .env("DYN_FILE_KV", kv)
+        .env("NATS_SERVER", nats_url)
+        .env("DYN_LOG", "error")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("python starts")
+}
+
 /// A fresh `ipc://` base in `dir` (the emitter appends `.{dp_rank}`).
 pub fn ipc_base(dir: &Path, name: &str) -> String {
     format!("ipc://{}", dir.join(name).display())
