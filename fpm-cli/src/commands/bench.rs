@@ -4,8 +4,8 @@
 //!
 //! Latency is from `submit` on the scheduler thread to receipt by the subscriber, paired by
 //! `counter_id`, on one clock (both ends live in this process), over the window's first
-//! [`LATENCY_SAMPLES`] iterations. Relay CPU time and peak RSS
-//! come from `/proc/<pid>` of the relay process; the subscriber's CPU from its own thread's
+//! [`LATENCY_SAMPLES`] iterations. Relay CPU time (nanoseconds, summed over its threads'
+//! `schedstat`) and peak RSS come from `/proc/<pid>` of the relay process; the subscriber's CPU from its own thread's
 //! `/proc/self/task/<tid>/schedstat`.
 
 use std::fmt::Write as _;
@@ -124,17 +124,49 @@ impl Drop for Child {
     }
 }
 
-/// CPU seconds (user + system) a process has used, from `/proc/<pid>/stat`.
-fn process_cpu_s(pid: u32) -> f64 {
+/// CPU time a process has used, read two ways: `/proc/<pid>/stat` (user + system, in 10 ms
+/// ticks, including threads that have ended) and the sum of `/proc/<pid>/task/*/schedstat`
+/// (nanoseconds, live threads only).
+#[derive(Debug, Clone, Copy, Default)]
+struct CpuSnapshot {
+    ticks_s: f64,
+    schedstat_s: f64,
+}
+
+fn process_cpu(pid: u32) -> CpuSnapshot {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
+        return CpuSnapshot::default();
     };
     // Fields after the command name (which may hold spaces) start after the last ')'.
     let rest = stat.rsplit_once(')').map_or("", |x| x.1);
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // utime and stime are fields 14 and 15 (1-based), i.e. 11 and 12 after the ')'.
-    (ticks(11) + ticks(12)) / 100.0
+    let mut ns = 0u64;
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            ns += thread_cpu_ns(&t.path().join("schedstat"));
+        }
+    }
+    CpuSnapshot {
+        // utime and stime are fields 14 and 15 (1-based), i.e. 11 and 12 after the ')'.
+        ticks_s: (ticks(11) + ticks(12)) / 100.0,
+        schedstat_s: ns as f64 / 1e9,
+    }
+}
+
+impl CpuSnapshot {
+    /// CPU seconds from `self` to `later`: the nanosecond count, unless a thread ended in
+    /// between (the tick count is then more than two ticks above it), where the ticks are
+    /// all there is.
+    fn until(self, later: CpuSnapshot) -> f64 {
+        let precise = later.schedstat_s - self.schedstat_s;
+        let coarse = later.ticks_s - self.ticks_s;
+        if coarse > precise + 0.02 {
+            coarse
+        } else {
+            precise
+        }
+    }
 }
 
 /// Peak resident memory of a process (VmHWM), MiB.
@@ -387,7 +419,7 @@ fn run_one(args: &BenchArgs, rate: BenchRate, peer: Option<Peer>, tmp: &Path) ->
     let first = emitter.stats().submitted;
     let dropped_before = emitter.stats().dropped.total();
     let count_before = sub.count.load(Ordering::Relaxed);
-    let relay_cpu0 = process_cpu_s(relay_pid);
+    let relay_cpu0 = process_cpu(relay_pid);
     let relay_counts0 = relay_counts(&metrics_addr, peer);
     let sub_cpu0 = thread_cpu_ns(&sub.schedstat);
     sub.window_first.store(first, Ordering::Relaxed);
@@ -424,7 +456,7 @@ fn run_one(args: &BenchArgs, rate: BenchRate, peer: Option<Peer>, tmp: &Path) ->
             still = Instant::now();
         }
     }
-    let relay_cpu = process_cpu_s(relay_pid) - relay_cpu0;
+    let relay_cpu = relay_cpu0.until(process_cpu(relay_pid));
     let lost_relay = match (relay_counts0, relay_counts(&metrics_addr, peer)) {
         (Some((r0, p0)), Some((r1, p1))) => Some((r1 - r0).saturating_sub(p1 - p0)),
         _ => None,
@@ -721,7 +753,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let tmp = tempfile::Builder::new().prefix("fpm-bench-").tempdir()?;
     let mut report = format!(
-        "# fpm bench\n\nMachine: {}. Each rate driven for {:.1} s through emitter → relay process → nats-server → subscriber, all on this machine. Latency: submit on the scheduler thread → receipt by the subscriber (one clock). Relay CPU and peak RSS from /proc of the relay process; subscriber CPU from its thread.\n",
+        "# fpm bench\n\nMachine: {}. Each rate driven for {:.1} s through emitter → relay process → nats-server → subscriber, all on this machine. Latency: submit on the scheduler thread → receipt by the subscriber (one clock). Relay CPU (summed over its threads' schedstat, ns) and peak RSS from /proc of the relay process; subscriber CPU from its thread.\n",
         machine(),
         args.duration.as_secs_f64()
     );
