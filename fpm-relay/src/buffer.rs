@@ -1,4 +1,4 @@
-//! The bounded hand-over between the ZeroMQ thread and the NATS task.
+//! The bounded hand-over between the input tasks and the NATS task.
 //!
 //! The ZeroMQ side never waits: [`Buffer::push`] either stores the message or refuses it at
 //! once. Limits apply to the message count and to the payload bytes.
@@ -7,6 +7,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use bytes::Bytes;
 use tokio::sync::Notify;
 
 use crate::config::BufferLimits;
@@ -16,8 +17,8 @@ use crate::metrics::Metrics;
 #[derive(Debug)]
 pub(crate) struct Item {
     /// The FPM payload, byte-for-byte as the engine sent it.
-    pub payload: Vec<u8>,
-    /// When the ZeroMQ thread read it (for the latency histogram).
+    pub payload: Bytes,
+    /// When the input task read it (for the latency histogram).
     pub received: Instant,
 }
 
@@ -102,7 +103,7 @@ mod tests {
 
     fn item(n: usize) -> Item {
         Item {
-            payload: vec![0; n],
+            payload: Bytes::from(vec![0; n]),
             received: Instant::now(),
         }
     }

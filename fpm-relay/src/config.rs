@@ -29,10 +29,10 @@ pub struct RelayConfig {
     pub plane: EventPlane,
     /// Bounds of the buffer that holds messages while NATS is away.
     pub buffer: BufferLimits,
-    /// Largest FPM payload accepted, in bytes; larger ones are counted as `too_large`. Frames
-    /// over this plus 1 KiB are refused by libzmq itself (`ZMQ_MAXMSGSIZE`) before they are
-    /// allocated: it drops the connection, counted as `oversized_frame`, and the relay
-    /// reconnects.
+    /// Largest FPM payload accepted, in bytes; larger ones are counted as `too_large`. A
+    /// message whose frame headers announce more than this plus 1 KiB is refused from the
+    /// headers, before it is read or allocated: the relay drops that connection, counts it
+    /// as `oversized_frame`, and reconnects.
     pub max_payload: usize,
     /// How long one NATS publish may wait before the message counts as dropped.
     pub publish_timeout: Duration,
@@ -46,8 +46,6 @@ pub struct RelayConfig {
     /// How often the discovery record's mtime is refreshed (Dynamo expires records not
     /// refreshed for about 10 s; its own publishers refresh every ~3.3 s).
     pub discovery_refresh: Duration,
-    /// ZeroMQ receive high-water mark per socket (messages libzmq queues for us).
-    pub zmq_rcvhwm: i32,
     /// Fixed publisher id for the envelope (tests); `None` draws a random one below 2^53.
     pub publisher_id: Option<u64>,
     /// Most per-input label sets (`endpoint`, `worker_id`, `dp_rank`) on `/metrics`; further
@@ -58,10 +56,13 @@ pub struct RelayConfig {
     /// How long an HTTP client may take to send its request before the connection is closed
     /// (so idle connections cannot hold the slots).
     pub http_read_timeout: Duration,
-    /// Fault injection for tests: the ZeroMQ reader thread panics after reading this many
+    /// Fault injection for tests: the ZeroMQ input panics after reading this many
     /// messages. Never set in production.
     #[doc(hidden)]
     pub fault_panic_reader_after: Option<u64>,
+    /// Called first thing on the relay's data thread (tests count its allocations).
+    #[doc(hidden)]
+    pub on_data_thread_start: Option<fn()>,
 }
 
 impl RelayConfig {
@@ -83,12 +84,12 @@ impl RelayConfig {
             metrics_addr: None,
             discovery_dir: None,
             discovery_refresh: Duration::from_secs(3),
-            zmq_rcvhwm: 100_000,
             publisher_id: None,
             max_label_sets: crate::metrics::DEFAULT_MAX_LABEL_SETS,
             http_max_connections: 64,
             http_read_timeout: Duration::from_secs(5),
             fault_panic_reader_after: None,
+            on_data_thread_start: None,
         }
     }
 }

@@ -12,16 +12,6 @@ pub enum Error {
     /// No ZeroMQ endpoint was configured.
     #[error("no ZeroMQ endpoint to read from: give --zmq-endpoint, --ipc-base with --dp-ranks, or --tcp-port-base with --dp-size")]
     NoEndpoints,
-    /// A ZeroMQ endpoint is malformed or cannot be connected to.
-    #[error(
-        "ZeroMQ endpoint {endpoint:?} is not usable ({error}): use tcp://HOST:PORT or ipc:///path"
-    )]
-    Endpoint {
-        /// The endpoint as given.
-        endpoint: String,
-        /// What libzmq said.
-        error: zmq::Error,
-    },
     /// A ZeroMQ endpoint can never work (bad port, missing ipc directory, ...).
     #[error("ZeroMQ endpoint {endpoint:?} is not usable: {reason}")]
     BadEndpoint {
@@ -33,10 +23,6 @@ pub enum Error {
     /// The same ZeroMQ endpoint was given twice.
     #[error("ZeroMQ endpoint {0:?} is given more than once")]
     DuplicateEndpoint(String),
-    /// ZeroMQ itself failed (context or socket creation). The cause is the source, so a
-    /// `{:#}` chain prints it once.
-    #[error("ZeroMQ failed")]
-    Zmq(#[from] zmq::Error),
     /// A namespace, component or endpoint name cannot be used in a NATS subject.
     #[error(transparent)]
     Name(#[from] fpm_schema::NameError),
@@ -70,32 +56,11 @@ pub enum Error {
         /// The OS error.
         error: std::io::Error,
     },
-    /// A stage of the running relay died (the ZeroMQ reader thread); the relay stopped itself.
+    /// A stage of the running relay died (an input task or the data thread); the relay
+    /// stopped itself.
     #[error("the relay stopped because its ZeroMQ reader died ({0}): restart it")]
     ReaderDied(String),
     /// The configuration is inconsistent.
     #[error("invalid configuration: {0}")]
     Config(String),
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// `main` prints errors as a chain (`{:#}`): the ZeroMQ cause appears once.
-    #[test]
-    fn zmq_cause_is_printed_once() {
-        let e = Error::from(zmq::Error::EADDRINUSE);
-        let mut text = e.to_string();
-        let mut cur = std::error::Error::source(&e);
-        while let Some(s) = cur {
-            text = format!("{text}: {s}");
-            cur = s.source();
-        }
-        assert_eq!(
-            text.matches(&zmq::Error::EADDRINUSE.to_string()).count(),
-            1,
-            "{text}"
-        );
-    }
 }

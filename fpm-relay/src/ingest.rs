@@ -1,42 +1,50 @@
-//! The ZeroMQ side: one thread polls every SUB socket, validates (fully decodes) each message
-//! and hands the payload to the [`Buffer`]. It never waits on NATS.
+//! The ZeroMQ side: one task per engine endpoint, all on the relay's data thread, connects a
+//! SUB ([`crate::zmtp`]), reads every message that has arrived per wake-up, validates (fully
+//! decodes) each one and hands the payload to the [`Buffer`]. It never waits on NATS.
 //!
-//! Each SUB has a socket monitor. libzmq refuses a frame over `ZMQ_MAXMSGSIZE` by dropping
-//! the connection as a protocol error, and then does *not* reconnect; the monitor shows a
-//! disconnect that no reconnect attempt follows. The thread counts that as one
-//! `oversized_frame` message and reconnects the endpoint itself.
+//! Connections are retried forever (100 ms, backing off to 500 ms) until the engine binds,
+//! and again after it restarts. A frame over the size limit, or broken framing, is refused
+//! from its header: the connection is dropped, counted as one `oversized_frame` (or
+//! `protocol`) message, and made again at once.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use bytes::{Buf, Bytes, BytesMut};
 use fpm_schema::{DecodeError, Decoder, ForwardPassMetrics};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::buffer::{Buffer, Item};
 use crate::metrics::{DropReason, InputSeries, InvalidReason, Metrics};
+use crate::zmtp::{self, ProtocolError, Unit};
 
-/// How often the thread looks at the shutdown token while idle.
-const POLL_MS: u64 = 50;
-/// Most messages read from one socket before the others get a turn.
-const BATCH: usize = 1024;
 /// At most one warning per reason per this long.
 const LOG_EVERY: Duration = Duration::from_secs(10);
-/// How long after a disconnect libzmq has to announce its own reconnect attempt before the
-/// thread concludes the connection was dropped for a protocol error (no retry coming).
-const RETRY_GRACE: Duration = Duration::from_millis(250);
-/// Room for the topic and counter frames (and ZMTP overhead) above the payload limit in
-/// `ZMQ_MAXMSGSIZE`, which libzmq applies to each frame.
+/// Room for the topic and counter frames (and ZMTP headers) above the payload limit: a
+/// message whose frames announce more is refused from its headers.
 pub(crate) const FRAME_SLACK: usize = 1024;
 /// A reader whose heartbeat is older than this is reported unhealthy.
 const STALE_AFTER: Duration = Duration::from_secs(5);
+/// First wait before connecting again, doubled up to [`RETRY_MAX`].
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_millis(500);
+/// How long the greeting and READY exchange may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Free space kept in the read buffer before each read (one read takes all that arrived,
+/// up to this much at least).
+const READ_MIN: usize = 16 * 1024;
+/// Size of the read buffer's growth steps and of the payload arena's chunks.
+const CHUNK: usize = 64 * 1024;
 
 /// Checks one multipart message and decodes its payload completely into `msg` (reused
 /// between messages); on success returns the counter frame's value.
 pub(crate) fn validate(
-    frames: &[Vec<u8>],
+    frames: &[&[u8]],
     decoder: &Decoder,
     msg: &mut ForwardPassMetrics,
 ) -> Result<u64, InvalidReason> {
@@ -46,8 +54,7 @@ pub(crate) fn validate(
     if !topic.is_empty() {
         return Err(InvalidReason::TopicFrame);
     }
-    let counter: [u8; 8] = counter
-        .as_slice()
+    let counter: [u8; 8] = (*counter)
         .try_into()
         .map_err(|_| InvalidReason::CounterFrame)?;
     if payload.len() > decoder.max_size() {
@@ -134,7 +141,7 @@ impl LogLimiter {
     }
 }
 
-/// Liveness of the reader thread, for `/health` and for the relay's supervision.
+/// Liveness of the data thread's inputs, for `/health` and for the relay's supervision.
 #[derive(Debug)]
 pub(crate) struct ReaderState {
     started: Instant,
@@ -156,7 +163,7 @@ impl ReaderState {
         }
     }
 
-    fn beat(&self) {
+    pub fn beat(&self) {
         let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.beat_ms.store(ms, Ordering::Relaxed);
     }
@@ -183,23 +190,8 @@ impl ReaderState {
     }
 }
 
-/// One engine endpoint: its SUB and the SUB's monitor.
-pub(crate) struct Input {
-    endpoint: String,
-    socket: zmq::Socket,
-    monitor: zmq::Socket,
-}
-
-impl std::fmt::Debug for Input {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Input")
-            .field("endpoint", &self.endpoint)
-            .finish_non_exhaustive()
-    }
-}
-
-/// Why an endpoint cannot work, found before libzmq is asked (libzmq accepts a bad tcp
-/// port or a missing ipc directory and then retries forever).
+/// Why an endpoint cannot work, found at start-up (a bad tcp port or a missing ipc directory
+/// would otherwise be retried forever).
 pub(crate) fn check_endpoint(ep: &str) -> Result<(), String> {
     if let Some(rest) = ep.strip_prefix("tcp://") {
         let Some((host, port)) = rest.rsplit_once(':') else {
@@ -239,7 +231,7 @@ pub(crate) fn check_endpoint(ep: &str) -> Result<(), String> {
             ))
         }
     } else if ep.starts_with("inproc://") {
-        Ok(())
+        Err("inproc:// is libzmq's in-process transport; the relay reads tcp:// or ipc://".into())
     } else {
         Err("unknown transport: use tcp://HOST:PORT or ipc:///path".into())
     }
@@ -248,7 +240,10 @@ pub(crate) fn check_endpoint(ep: &str) -> Result<(), String> {
 /// Checks every endpoint with [`check_endpoint`] (touches the filesystem: call it off the
 /// async runtime).
 pub(crate) fn check_endpoints(endpoints: &[String]) -> Result<(), crate::Error> {
-    for ep in endpoints {
+    for (i, ep) in endpoints.iter().enumerate() {
+        if endpoints[..i].contains(ep) {
+            return Err(crate::Error::DuplicateEndpoint(ep.clone()));
+        }
         check_endpoint(ep).map_err(|reason| crate::Error::BadEndpoint {
             endpoint: ep.clone(),
             reason,
@@ -257,67 +252,30 @@ pub(crate) fn check_endpoints(endpoints: &[String]) -> Result<(), crate::Error> 
     Ok(())
 }
 
-/// Creates and connects one SUB (and its monitor) per endpoint. Connect returns at once;
-/// libzmq retries in the background until the engine binds, and reconnects after an engine
-/// restart.
-pub(crate) fn connect(
-    ctx: &zmq::Context,
-    endpoints: &[String],
-    rcvhwm: i32,
-    max_payload: usize,
-) -> Result<Vec<Input>, crate::Error> {
-    let mut out: Vec<Input> = Vec::with_capacity(endpoints.len());
-    let tag = crate::relay::random_u64();
-    let max_frame = i64::try_from(max_payload.saturating_add(FRAME_SLACK)).unwrap_or(i64::MAX);
-    for (i, ep) in endpoints.iter().enumerate() {
-        if out.iter().any(|e| e.endpoint == *ep) {
-            return Err(crate::Error::DuplicateEndpoint(ep.clone()));
+/// Where one endpoint is.
+#[derive(Debug, Clone)]
+enum Target {
+    Tcp(String),
+    Ipc(PathBuf),
+    /// Linux abstract namespace (`ipc://@name`).
+    Abstract(Vec<u8>),
+}
+
+impl Target {
+    fn parse(endpoint: &str) -> Target {
+        if let Some(rest) = endpoint.strip_prefix("tcp://") {
+            Target::Tcp(rest.to_owned())
+        } else {
+            let path = endpoint.strip_prefix("ipc://").unwrap_or(endpoint);
+            match path.strip_prefix('@') {
+                Some(name) => Target::Abstract(name.as_bytes().to_vec()),
+                None => Target::Ipc(PathBuf::from(path)),
+            }
         }
-        let s = ctx.socket(zmq::SUB)?;
-        s.set_rcvhwm(rcvhwm)?;
-        s.set_maxmsgsize(max_frame)?;
-        s.set_linger(0)?;
-        s.set_reconnect_ivl(100)?;
-        s.set_reconnect_ivl_max(500)?;
-        s.set_subscribe(b"")?;
-        let addr = format!("inproc://fpm-relay-monitor-{tag:x}-{i}");
-        let events = [
-            zmq::SocketEvent::DISCONNECTED,
-            zmq::SocketEvent::CONNECT_RETRIED,
-            zmq::SocketEvent::CONNECT_DELAYED,
-            zmq::SocketEvent::CONNECTED,
-        ]
-        .iter()
-        .fold(0i32, |acc, e| acc | i32::from(e.to_raw()));
-        s.monitor(&addr, events)?;
-        let monitor = ctx.socket(zmq::PAIR)?;
-        monitor.set_linger(0)?;
-        monitor.connect(&addr)?;
-        s.connect(ep).map_err(|error| crate::Error::Endpoint {
-            endpoint: ep.clone(),
-            error,
-        })?;
-        debug!(endpoint = %ep, "ZeroMQ SUB connecting");
-        out.push(Input {
-            endpoint: ep.clone(),
-            socket: s,
-            monitor,
-        });
     }
-    Ok(out)
 }
 
-struct Source {
-    input: Input,
-    counters: CounterTracker,
-    /// Per-(dp_rank, worker_id) series of this endpoint, cached to keep the hot path lock-free.
-    series: HashMap<i64, HashMap<String, Arc<InputSeries>>>,
-    /// Set on a disconnect; cleared when libzmq announces its reconnect attempt. Expiry means
-    /// libzmq dropped the connection for a protocol error and will not come back by itself.
-    dropped_at: Option<Instant>,
-}
-
-/// Everything the thread needs besides its sockets.
+/// Everything the input tasks share.
 #[derive(Debug)]
 pub(crate) struct ReaderContext {
     pub buffer: Arc<Buffer>,
@@ -327,165 +285,225 @@ pub(crate) struct ReaderContext {
     pub state: Arc<ReaderState>,
     /// Fault injection for tests: panic after reading this many messages.
     pub panic_after: Option<u64>,
+    /// Messages read, over all inputs (for `panic_after`).
+    pub read: AtomicU64,
 }
 
-/// The thread body: runs until `cancel` fires (`Ok`), or until ZeroMQ fails (`Err`).
-pub(crate) fn run(inputs: Vec<Input>, cx: &ReaderContext) -> Result<(), String> {
-    let ReaderContext {
-        buffer,
-        metrics,
-        decoder,
-        cancel,
-        state,
-        panic_after,
-    } = cx;
-    let mut sources: Vec<Source> = inputs
-        .into_iter()
-        .map(|input| Source {
-            input,
-            counters: CounterTracker::default(),
-            series: HashMap::new(),
-            dropped_at: None,
-        })
-        .collect();
-    let mut log = LogLimiter::default();
-    let mut ready = Vec::with_capacity(sources.len());
-    let mut monitor_ready = Vec::with_capacity(sources.len());
-    let mut msg = ForwardPassMetrics::default();
-    let mut read = 0u64;
-    while !cancel.is_cancelled() {
-        state.beat();
-        ready.clear();
-        monitor_ready.clear();
-        let now = Instant::now();
-        let wait = sources
-            .iter()
-            .filter_map(|s| s.dropped_at)
-            .map(|t| (t + RETRY_GRACE).saturating_duration_since(now))
-            .min()
-            .unwrap_or(Duration::from_millis(POLL_MS))
-            .min(Duration::from_millis(POLL_MS));
-        {
-            let mut items: Vec<zmq::PollItem<'_>> = sources
-                .iter()
-                .map(|s| s.input.socket.as_poll_item(zmq::POLLIN))
-                .chain(
-                    sources
-                        .iter()
-                        .map(|s| s.input.monitor.as_poll_item(zmq::POLLIN)),
-                )
-                .collect();
-            match zmq::poll(&mut items, i64::try_from(wait.as_millis()).unwrap_or(0)) {
-                Ok(_) => {
-                    let n = sources.len();
-                    for (i, it) in items.iter().enumerate() {
-                        if it.is_readable() {
-                            if i < n {
-                                ready.push(i);
-                            } else {
-                                monitor_ready.push(i - n);
+/// How a connection ended.
+enum Ended {
+    /// Shutdown.
+    Cancelled,
+    /// The engine went away (restart, crash): connect again after the usual wait.
+    Closed(std::io::Error),
+    /// The relay dropped it for a protocol violation: connect again at once.
+    Violation(ProtocolError),
+}
+
+/// One input: an endpoint, its stream state and its cached label sets.
+struct Input<'a> {
+    index: usize,
+    endpoint: &'a str,
+    cx: &'a ReaderContext,
+    counters: CounterTracker,
+    /// Per-(dp_rank, worker_id) series of this endpoint, cached to keep the hot path lock-free.
+    series: HashMap<i64, HashMap<String, Arc<InputSeries>>>,
+    log: LogLimiter,
+    msg: ForwardPassMetrics,
+    /// Payloads are copied here, densely, so what waits in the buffer holds no read buffer.
+    arena: BytesMut,
+}
+
+/// Reads one endpoint until `cx.cancel` fires: connects, reads, and connects again whenever
+/// the connection ends. Runs on the relay's data thread.
+pub(crate) async fn run(index: usize, endpoint: String, cx: Arc<ReaderContext>) {
+    let target = Target::parse(&endpoint);
+    let mut input = Input {
+        index,
+        endpoint: &endpoint,
+        cx: &cx,
+        counters: CounterTracker::default(),
+        series: HashMap::new(),
+        log: LogLimiter::default(),
+        msg: ForwardPassMetrics::default(),
+        arena: BytesMut::new(),
+    };
+    let mut buf = BytesMut::with_capacity(CHUNK);
+    let mut wait = RETRY_MIN;
+    let mut last_warning: Option<Instant> = None;
+    loop {
+        let ended = tokio::select! {
+            biased;
+            () = cx.cancel.cancelled() => Ended::Cancelled,
+            e = input.connection(&target, &mut buf) => e,
+        };
+        buf.clear();
+        match ended {
+            Ended::Cancelled => return,
+            Ended::Violation(e) => {
+                let reason = match e {
+                    ProtocolError::Oversized { .. } => InvalidReason::OversizedFrame,
+                    _ => InvalidReason::Protocol,
+                };
+                if e.mid_stream() {
+                    cx.metrics.received.inc();
+                    cx.metrics.invalid(reason);
+                    input.log.invalid(reason, &endpoint);
+                    debug!(endpoint = %endpoint, error = %e, "engine connection dropped; connecting again");
+                    wait = RETRY_MIN;
+                    continue;
+                }
+                // A handshake refused: not a PUB, wrong security, not ZeroMQ at all.
+                if last_warning.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
+                    warn!(endpoint = %endpoint, error = %e, "cannot subscribe to this endpoint (retrying; logged at most every 10 s)");
+                    last_warning = Some(Instant::now());
+                }
+            }
+            Ended::Closed(e) => debug!(endpoint = %endpoint, error = %e, "engine not connected"),
+        }
+        tokio::select! {
+            biased;
+            () = cx.cancel.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+        wait = (wait * 2).min(RETRY_MAX);
+    }
+}
+
+impl Input<'_> {
+    /// One connection, from connect to its end.
+    async fn connection(&mut self, target: &Target, buf: &mut BytesMut) -> Ended {
+        let r = match target {
+            Target::Tcp(addr) => match tokio::net::TcpStream::connect(addr.as_str()).await {
+                Ok(s) => {
+                    let _ = s.set_nodelay(true);
+                    self.session(s, buf).await
+                }
+                Err(e) => Ended::Closed(e),
+            },
+            Target::Ipc(path) => match tokio::net::UnixStream::connect(path).await {
+                Ok(s) => self.session(s, buf).await,
+                Err(e) => Ended::Closed(e),
+            },
+            Target::Abstract(name) => match connect_abstract(name) {
+                Ok(s) => self.session(s, buf).await,
+                Err(e) => Ended::Closed(e),
+            },
+        };
+        r
+    }
+
+    async fn session<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        mut s: S,
+        buf: &mut BytesMut,
+    ) -> Ended {
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut s, buf)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return e,
+            Err(_) => {
+                return Ended::Closed(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no ZeroMQ handshake within 5 s",
+                ))
+            }
+        }
+        debug!(endpoint = %self.endpoint, "subscribed");
+        let max_message = self.cx.decoder.max_size().saturating_add(FRAME_SLACK);
+        loop {
+            // Everything that has arrived, message by message.
+            loop {
+                match zmtp::next(buf, max_message) {
+                    Ok(Some(Unit::Message { len, frames })) => {
+                        let (slices, n) = frames.slices(&buf[..len]);
+                        self.message(&slices[..n]);
+                        buf.advance(len);
+                    }
+                    Ok(Some(Unit::Command { len, name, body })) => {
+                        if &buf[name] == b"PING" {
+                            // PING: a 2-byte TTL, then the context to echo.
+                            let ctx = buf.get(body.start + 2..body.end).unwrap_or_default();
+                            if let Err(e) = s.write_all(&zmtp::pong(ctx)).await {
+                                return Ended::Closed(e);
                             }
                         }
+                        buf.advance(len);
                     }
+                    Ok(None) => break,
+                    Err(e) => return Ended::Violation(e),
                 }
-                Err(zmq::Error::EINTR) => continue,
-                Err(e) => return Err(format!("ZeroMQ poll failed: {e}")),
             }
-        }
-        for &i in &monitor_ready {
-            monitor_events(&mut sources[i]);
-        }
-        let now = Instant::now();
-        for src in sources.iter_mut() {
-            if src.dropped_at.is_some_and(|t| now >= t + RETRY_GRACE) {
-                src.dropped_at = None;
-                metrics.received.inc();
-                metrics.invalid(InvalidReason::OversizedFrame);
-                log.invalid(InvalidReason::OversizedFrame, &src.input.endpoint);
-                // libzmq gave up on this endpoint: connect it again ourselves.
-                let ep = src.input.endpoint.clone();
-                let _ = src.input.socket.disconnect(&ep);
-                if let Err(e) = src.input.socket.connect(&ep) {
-                    return Err(format!("cannot reconnect {ep}: {e}"));
-                }
-                debug!(endpoint = %ep, "reconnected after libzmq dropped the connection");
+            if buf.capacity() - buf.len() < READ_MIN {
+                buf.reserve(CHUNK);
             }
-        }
-        for &i in &ready {
-            let ep_index = i;
-            let src = &mut sources[i];
-            for _ in 0..BATCH {
-                let frames = match src.input.socket.recv_multipart(zmq::DONTWAIT) {
-                    Ok(f) => f,
-                    Err(zmq::Error::EAGAIN) | Err(zmq::Error::EINTR) => break,
-                    Err(e) => {
-                        return Err(format!(
-                            "ZeroMQ receive failed on {}: {e}",
-                            src.input.endpoint
-                        ))
-                    }
-                };
-                let received = Instant::now();
-                metrics.received.inc();
-                read += 1;
-                if panic_after.is_some_and(|n| read >= n) {
-                    panic!("fault injection: the ZeroMQ reader panics after {read} messages");
+            match s.read_buf(buf).await {
+                Ok(0) => {
+                    return Ended::Closed(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the engine closed the connection",
+                    ))
                 }
-                match validate(&frames, decoder, &mut msg) {
-                    Err(reason) => {
-                        metrics.invalid(reason);
-                        log.invalid(reason, &src.input.endpoint);
-                    }
-                    Ok(counter) => {
-                        let series = src.series_for(metrics, ep_index, &msg.worker_id, msg.dp_rank);
-                        series.received.fetch_add(1, Ordering::Relaxed);
-                        metrics.inputs.touch(ep_index, received);
-                        let check = src.counters.observe(counter);
-                        if check.gap > 0 {
-                            metrics.gaps.inc_by(check.gap);
-                            series.gaps.fetch_add(check.gap, Ordering::Relaxed);
-                            debug!(endpoint = %src.input.endpoint, gap = check.gap, "counter gap");
-                        }
-                        if check.reset {
-                            metrics.resets.inc();
-                            series.resets.fetch_add(1, Ordering::Relaxed);
-                            debug!(endpoint = %src.input.endpoint, counter, "counter reset (engine restart?)");
-                        }
-                        if check.missed_before_start > 0 {
-                            metrics
-                                .missed_before_start
-                                .inc_by(check.missed_before_start);
-                            series
-                                .missed_before_start
-                                .fetch_add(check.missed_before_start, Ordering::Relaxed);
-                            debug!(endpoint = %src.input.endpoint, counter, "first message of a stream is not counter 0");
-                        }
-                        let mut frames = frames;
-                        let payload = frames.pop().unwrap_or_default();
-                        if buffer.push(Item { payload, received }).is_err() {
-                            metrics.drop_msgs(DropReason::BufferFull, 1);
-                        }
-                    }
-                }
+                Ok(_) => {}
+                Err(e) => return Ended::Closed(e),
             }
         }
     }
-    debug!("ZeroMQ reader stopped");
-    Ok(())
-}
 
-impl Source {
-    fn series_for(
-        &mut self,
-        metrics: &Metrics,
-        ep: usize,
-        worker_id: &str,
-        dp_rank: i64,
-    ) -> Arc<InputSeries> {
+    /// Validates one message and hands its payload to the buffer.
+    fn message(&mut self, frames: &[&[u8]]) {
+        let cx = self.cx;
+        let received = Instant::now();
+        cx.metrics.received.inc();
+        let read = cx.read.fetch_add(1, Ordering::Relaxed) + 1;
+        if cx.panic_after.is_some_and(|n| read >= n) {
+            panic!("fault injection: the ZeroMQ reader panics after {read} messages");
+        }
+        let counter = match validate(frames, &cx.decoder, &mut self.msg) {
+            Err(reason) => {
+                cx.metrics.invalid(reason);
+                self.log.invalid(reason, self.endpoint);
+                return;
+            }
+            Ok(c) => c,
+        };
+        let series = self.series_for();
+        series.received.fetch_add(1, Ordering::Relaxed);
+        cx.metrics.inputs.touch(self.index, received);
+        let check = self.counters.observe(counter);
+        if check.gap > 0 {
+            cx.metrics.gaps.inc_by(check.gap);
+            series.gaps.fetch_add(check.gap, Ordering::Relaxed);
+            debug!(endpoint = %self.endpoint, gap = check.gap, "counter gap");
+        }
+        if check.reset {
+            cx.metrics.resets.inc();
+            series.resets.fetch_add(1, Ordering::Relaxed);
+            debug!(endpoint = %self.endpoint, counter, "counter reset (engine restart?)");
+        }
+        if check.missed_before_start > 0 {
+            cx.metrics
+                .missed_before_start
+                .inc_by(check.missed_before_start);
+            series
+                .missed_before_start
+                .fetch_add(check.missed_before_start, Ordering::Relaxed);
+            debug!(endpoint = %self.endpoint, counter, "first message of a stream is not counter 0");
+        }
+        let payload = copy_into(&mut self.arena, frames[2]);
+        if cx.buffer.push(Item { payload, received }).is_err() {
+            cx.metrics.drop_msgs(DropReason::BufferFull, 1);
+        }
+    }
+
+    fn series_for(&mut self) -> Arc<InputSeries> {
+        let (worker_id, dp_rank) = (self.msg.worker_id.as_str(), self.msg.dp_rank);
         if let Some(s) = self.series.get(&dp_rank).and_then(|m| m.get(worker_id)) {
             return s.clone();
         }
-        let (s, cache) = metrics.inputs.series(ep, worker_id, dp_rank);
+        let (s, cache) = self
+            .cx
+            .metrics
+            .inputs
+            .series(self.index, worker_id, dp_rank);
         if cache {
             self.series
                 .entry(dp_rank)
@@ -496,31 +514,72 @@ impl Source {
     }
 }
 
-/// Reads the monitor's pending events: a disconnect starts the grace period, libzmq's own
-/// reconnect attempt (or a new connection) ends it.
-fn monitor_events(src: &mut Source) {
-    const DISCONNECTED: u16 = zmq::SocketEvent::DISCONNECTED as u16;
+/// Copies `data` into the arena and returns it as its own `Bytes`: payloads share 64 KiB
+/// chunks (no allocation per message), and a chunk holds nothing but payloads, so what
+/// waits in the buffer pins no more memory than its own bytes plus one chunk.
+pub(crate) fn copy_into(arena: &mut BytesMut, data: &[u8]) -> Bytes {
+    if arena.capacity() - arena.len() < data.len() {
+        *arena = BytesMut::with_capacity(CHUNK.max(data.len()));
+    }
+    arena.extend_from_slice(data);
+    arena.split().freeze()
+}
+
+fn connect_abstract(name: &[u8]) -> std::io::Result<tokio::net::UnixStream> {
+    use std::os::linux::net::SocketAddrExt;
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+    let s = std::os::unix::net::UnixStream::connect_addr(&addr)?;
+    s.set_nonblocking(true)?;
+    tokio::net::UnixStream::from_std(s)
+}
+
+/// Greeting, READY both ways, then the subscription to everything. Leaves in `buf` whatever
+/// the engine sent after its READY.
+async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    buf: &mut BytesMut,
+) -> Result<(), Ended> {
+    let io = Ended::Closed;
+    s.write_all(&zmtp::greeting()).await.map_err(io)?;
+    while buf.len() < zmtp::GREETING_LEN {
+        if s.read_buf(buf).await.map_err(io)? == 0 {
+            return Err(Ended::Closed(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "closed during the ZeroMQ greeting",
+            )));
+        }
+        // Not ZeroMQ at all: say so from the first bytes rather than wait for 64.
+        if buf[0] != 0xff {
+            return Err(Ended::Violation(ProtocolError::BadGreeting));
+        }
+    }
+    zmtp::check_greeting(&buf[..zmtp::GREETING_LEN]).map_err(Ended::Violation)?;
+    buf.advance(zmtp::GREETING_LEN);
+    s.write_all(&zmtp::ready_and_subscribe())
+        .await
+        .map_err(io)?;
     loop {
-        let frames = match src.input.monitor.recv_multipart(zmq::DONTWAIT) {
-            Ok(f) => f,
-            Err(_) => return,
-        };
-        let Some(event) = frames
-            .first()
-            .and_then(|f| f.get(..2))
-            .map(|b| u16::from_le_bytes([b[0], b[1]]))
-        else {
-            continue;
-        };
-        if event == DISCONNECTED {
-            debug!(endpoint = %src.input.endpoint, "ZeroMQ peer disconnected");
-            src.dropped_at = Some(Instant::now());
-        } else {
-            src.dropped_at = None;
+        match zmtp::next(buf, 0) {
+            Ok(Some(Unit::Command { len, name, body })) => {
+                zmtp::check_ready(&buf[name], &buf[body]).map_err(Ended::Violation)?;
+                buf.advance(len);
+                return Ok(());
+            }
+            Ok(Some(Unit::Message { .. })) | Err(ProtocolError::Oversized { .. }) => {
+                return Err(Ended::Violation(ProtocolError::BadHandshake))
+            }
+            Err(e) => return Err(Ended::Violation(e)),
+            Ok(None) => {
+                if s.read_buf(buf).await.map_err(io)? == 0 {
+                    return Err(Ended::Closed(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "closed during the ZeroMQ handshake",
+                    )));
+                }
+            }
         }
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -535,7 +594,8 @@ mod tests {
     }
 
     fn check(frames: &[Vec<u8>], d: &Decoder) -> Result<u64, InvalidReason> {
-        validate(frames, d, &mut ForwardPassMetrics::default())
+        let refs: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
+        validate(&refs, d, &mut ForwardPassMetrics::default())
     }
 
     /// Where the key (`version` … `counter_id`) of an encoded message ends.
@@ -640,7 +700,9 @@ mod tests {
             let end = key_end(&payload);
             let frames = |p: Vec<u8>| vec![vec![], counter.to_be_bytes().to_vec(), p];
             let mut msg = ForwardPassMetrics::default();
-            proptest::prop_assert_eq!(validate(&frames(payload.clone()), &d, &mut msg), Ok(counter));
+            let f = frames(payload.clone());
+            let refs: Vec<&[u8]> = f.iter().map(Vec::as_slice).collect();
+            proptest::prop_assert_eq!(validate(&refs, &d, &mut msg), Ok(counter));
             proptest::prop_assert_eq!(msg.dp_rank, dp_rank);
             // Truncated anywhere after the key.
             let n = end + cut.index(payload.len() - end);
@@ -698,7 +760,7 @@ mod tests {
     }
 
     #[test]
-    fn endpoints_are_checked_before_libzmq_sees_them() {
+    fn endpoints_are_checked_at_start() {
         assert!(check_endpoint("tcp://127.0.0.1:20380").is_ok());
         assert!(check_endpoint("tcp://[::1]:20380").is_ok());
         assert!(check_endpoint("ipc:///tmp/fpm.0").is_ok());

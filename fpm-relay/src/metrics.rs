@@ -68,16 +68,19 @@ pub enum InvalidReason {
     Undecodable,
     /// The payload's `version` is not 1.
     UnsupportedVersion,
-    /// libzmq dropped the engine's connection on a protocol error after the handshake: in
-    /// practice a frame over `ZMQ_MAXMSGSIZE` (the payload limit plus room for the other
-    /// frames), which libzmq refuses before allocating it. The relay never sees the frame;
-    /// it counts one message per dropped connection and reconnects.
+    /// A message whose frames announce more than the payload limit plus room for the
+    /// other frames (1 KiB): refused from the frame header, before it is read or allocated.
+    /// The relay drops that connection, counts one message, and reconnects at once.
     OversizedFrame,
+    /// The engine's stream broke ZeroMQ's framing after the handshake (reserved flag bits,
+    /// a command inside a message, a malformed command): the relay drops that connection,
+    /// counts one message, and reconnects.
+    Protocol,
 }
 
 impl InvalidReason {
     /// All reasons, in label order.
-    pub const ALL: [InvalidReason; 7] = [
+    pub const ALL: [InvalidReason; 8] = [
         InvalidReason::FrameCount,
         InvalidReason::TopicFrame,
         InvalidReason::CounterFrame,
@@ -85,6 +88,7 @@ impl InvalidReason {
         InvalidReason::Undecodable,
         InvalidReason::UnsupportedVersion,
         InvalidReason::OversizedFrame,
+        InvalidReason::Protocol,
     ];
 
     /// The `reason` label.
@@ -97,6 +101,7 @@ impl InvalidReason {
             InvalidReason::Undecodable => "undecodable",
             InvalidReason::UnsupportedVersion => "unsupported_version",
             InvalidReason::OversizedFrame => "oversized_frame",
+            InvalidReason::Protocol => "protocol",
         }
     }
 }
@@ -115,7 +120,7 @@ pub struct Stats {
     /// Valid messages not forwarded, by reason (`DropReason::ALL` order).
     pub dropped: ReasonCounts<4>,
     /// Rejected messages, by reason (`InvalidReason::ALL` order).
-    pub invalid: ReasonCounts<7>,
+    pub invalid: ReasonCounts<8>,
     /// Messages lost upstream, from counter-frame gaps.
     pub counter_gaps: u64,
     /// Counter resets (engine restarts).
@@ -217,7 +222,7 @@ struct EndpointSlot {
     other: Arc<InputSeries>,
 }
 
-/// Per-input series, bounded in number. Lookups happen on the ZeroMQ thread's cache misses
+/// Per-input series, bounded in number. Lookups happen on an input's cache misses
 /// only; scrapes read it under the same lock.
 #[derive(Debug)]
 pub(crate) struct InputTable {
@@ -439,7 +444,7 @@ pub(crate) struct Metrics {
     pub received: Counter,
     pub published: Counter,
     pub dropped: [Counter; 4],
-    pub invalid: [Counter; 7],
+    pub invalid: [Counter; 8],
     pub gaps: Counter,
     pub resets: Counter,
     pub missed_before_start: Counter,
@@ -489,7 +494,7 @@ impl Metrics {
             InvalidReason::ALL.map(|r| invalid_f.get_or_create_owned(&[("reason", r.as_str())]));
         registry.register(
             "fpm_relay_invalid_messages",
-            "Messages rejected by validation, by reason (oversized_frame: one per connection libzmq dropped on a frame over ZMQ_MAXMSGSIZE)",
+            "Messages rejected by validation, by reason (oversized_frame and protocol: one per engine connection the relay dropped for a frame over the size limit or broken framing)",
             invalid_f,
         );
         let gaps = Counter::default();

@@ -104,6 +104,10 @@ pub(crate) struct Publisher {
     pub conn: Arc<Conn>,
     pub publish_timeout: Duration,
     pub sequence: u64,
+    /// The envelope being encoded (reused).
+    pub scratch: Vec<u8>,
+    /// Envelopes handed to the NATS client share chunks of this (no allocation per message).
+    pub arena: bytes::BytesMut,
 }
 
 fn unix_ms() -> u64 {
@@ -120,7 +124,6 @@ impl Publisher {
     }
 
     async fn publish(&mut self, item: Item, timeout: Duration) {
-        let mut body = Vec::new();
         Envelope {
             publisher_id: self.publisher_id,
             sequence: self.sequence,
@@ -128,8 +131,9 @@ impl Publisher {
             topic: FPM_TOPIC,
             payload: &item.payload,
         }
-        .encode_into(&mut body);
-        let fut = self.client.publish(self.subject.clone(), Bytes::from(body));
+        .encode_into(&mut self.scratch);
+        let body = crate::ingest::copy_into(&mut self.arena, &self.scratch);
+        let fut = self.client.publish(self.subject.clone(), body);
         match tokio::time::timeout(timeout, fut).await {
             Ok(Ok(())) => {
                 self.sequence += 1;

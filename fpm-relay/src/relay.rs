@@ -4,6 +4,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +18,7 @@ use crate::buffer::Buffer;
 use crate::config::RelayConfig;
 use crate::ingest::ReaderState;
 use crate::metrics::{Metrics, Stats};
-use crate::publish::{Conn, Publisher};
+use crate::publish::{Conn, Publisher, Sink};
 use crate::{discovery, http, ingest, Error};
 
 /// 64 random bits from the standard library's randomly seeded hasher (no extra dependency).
@@ -51,7 +52,7 @@ fn random_publisher_id() -> u64 {
 pub struct Relay {
     metrics: Arc<Metrics>,
     reader: Arc<ReaderState>,
-    /// Cancelled when a stage dies (the ZeroMQ reader thread).
+    /// Cancelled when a stage dies (an input task, or the data thread).
     failed: CancellationToken,
     task: JoinHandle<()>,
     publisher_id: u64,
@@ -75,6 +76,135 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+}
+
+/// Where the data thread publishes; the NATS client is connected on that thread so that its
+/// connection task runs there too.
+enum SinkSpec {
+    Nats(Vec<async_nats::ServerAddr>, Box<async_nats::ConnectOptions>),
+    Memory(crate::MemoryPlane),
+}
+
+/// The relay's data path: every input task, the publisher and the NATS client's connection,
+/// on one thread with a single-threaded runtime, so a message wakes one thread, once.
+struct DataPath {
+    endpoints: Vec<String>,
+    cx: Arc<ingest::ReaderContext>,
+    sink: SinkSpec,
+    subject: async_nats::Subject,
+    publisher_id: u64,
+    conn: Arc<Conn>,
+    publish_timeout: Duration,
+    shutdown_timeout: Duration,
+    failed: CancellationToken,
+    on_start: Option<fn()>,
+}
+
+impl DataPath {
+    /// The thread body: reports start-up on `ready`, runs until shutdown, drains, then
+    /// signals `done`.
+    fn run(self, ready: oneshot::Sender<Result<(), Error>>, done: oneshot::Sender<()>) {
+        if let Some(f) = self.on_start {
+            f();
+        }
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                let _ = ready.send(Err(Error::Config(format!(
+                    "cannot start the relay's runtime: {e}"
+                ))));
+                return;
+            }
+        };
+        let (state, failed) = (self.cx.state.clone(), self.failed.clone());
+        let r = std::panic::catch_unwind(AssertUnwindSafe(|| rt.block_on(self.serve(ready))));
+        if let Err(p) = r {
+            let f = panic_text(p.as_ref());
+            error!(reason = %f, "the relay's data thread died");
+            state.ended(Some(f));
+            failed.cancel();
+        }
+        drop(rt);
+        let _ = done.send(());
+    }
+
+    async fn serve(self, ready: oneshot::Sender<Result<(), Error>>) {
+        let client = match self.sink {
+            SinkSpec::Nats(servers, options) => match (*options).connect(servers).await {
+                Ok(c) => Sink::Nats(c),
+                Err(e) => {
+                    let _ = ready.send(Err(Error::Nats(e.to_string())));
+                    return;
+                }
+            },
+            SinkSpec::Memory(tx) => Sink::Memory(tx),
+        };
+        let _ = ready.send(Ok(()));
+        let cx = self.cx;
+        let shutdown = cx.cancel.clone();
+        let publisher = Publisher {
+            client,
+            subject: self.subject,
+            publisher_id: self.publisher_id,
+            buffer: cx.buffer.clone(),
+            metrics: cx.metrics.clone(),
+            conn: self.conn,
+            publish_timeout: self.publish_timeout,
+            sequence: 0,
+            scratch: Vec::new(),
+            arena: bytes::BytesMut::new(),
+        };
+        let mut inputs = tokio::task::JoinSet::new();
+        for (i, ep) in self.endpoints.into_iter().enumerate() {
+            inputs.spawn(ingest::run(i, ep, cx.clone()));
+        }
+        let beat = {
+            let cx = cx.clone();
+            async move {
+                loop {
+                    cx.state.beat();
+                    tokio::select! {
+                        biased;
+                        () = cx.cancel.cancelled() => return,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        };
+        let failed = self.failed;
+        let supervise = async {
+            while let Some(r) = inputs.join_next().await {
+                if let Err(e) = r {
+                    let f = if e.is_panic() {
+                        panic_text(e.into_panic().as_ref())
+                    } else {
+                        e.to_string()
+                    };
+                    error!(reason = %f, "a ZeroMQ input died: its engine is not read any more; /health reports it");
+                    cx.state.ended(Some(f));
+                    failed.cancel();
+                }
+            }
+        };
+        // The publisher is a task of its own rather than part of this (block_on) future: a
+        // woken block_on future costs the runtime an extra poll of the driver per message.
+        let publishing = tokio::spawn(async move {
+            let mut publisher = publisher;
+            publisher.run(&shutdown).await;
+            publisher
+        });
+        tokio::spawn(beat);
+        supervise.await;
+        cx.state.ended(None);
+        let Ok(mut publisher) = publishing.await else {
+            return;
+        };
+        let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
+        publisher.drain(deadline).await;
+    }
 }
 
 impl Relay {
@@ -141,14 +271,6 @@ impl Relay {
         };
         let metrics_addr = listener.as_ref().and_then(|l| l.local_addr().ok());
 
-        let ctx = zmq::Context::new();
-        let inputs = ingest::connect(
-            &ctx,
-            &config.zmq_endpoints,
-            config.zmq_rcvhwm,
-            config.max_payload,
-        )?;
-
         let publisher_id = config.publisher_id.unwrap_or_else(random_publisher_id);
         let record = match &config.discovery_dir {
             Some(dir) => match discovery::record(dir, &subject, publisher_id) {
@@ -170,54 +292,56 @@ impl Relay {
             None => None,
         };
 
-        let client = match (nats, &config.plane) {
-            (Some((servers, options)), _) => match options.connect(servers).await {
-                Ok(c) => crate::publish::Sink::Nats(c),
-                Err(e) => {
-                    if let Some((p, _)) = &record {
-                        let p = p.clone();
-                        let _ = blocking(move || std::fs::remove_file(p)).await;
-                    }
-                    return Err(Error::Nats(e.to_string()));
-                }
-            },
-            (None, crate::EventPlane::Memory(tx)) => crate::publish::Sink::Memory(tx.clone()),
+        let sink = match (nats, &config.plane) {
+            (Some((servers, options)), _) => SinkSpec::Nats(servers, Box::new(options)),
+            (None, crate::EventPlane::Memory(tx)) => SinkSpec::Memory(tx.clone()),
             (None, crate::EventPlane::Nats) => unreachable!("prepared above"),
         };
-
         let failed = CancellationToken::new();
         let buffer = Arc::new(Buffer::new(config.buffer, metrics.clone()));
         let reader = Arc::new(ReaderState::new());
-        let (done_tx, done_rx) = oneshot::channel::<()>();
-        {
-            let cx = ingest::ReaderContext {
+        let subject_str = subject.subject();
+        let data = DataPath {
+            endpoints: config.zmq_endpoints.clone(),
+            cx: Arc::new(ingest::ReaderContext {
                 buffer: buffer.clone(),
                 metrics: metrics.clone(),
                 decoder: Decoder::new().with_max_size(config.max_payload),
                 cancel: shutdown.clone(),
                 state: reader.clone(),
                 panic_after: config.fault_panic_reader_after,
-            };
-            std::thread::Builder::new()
-                .name("fpm-relay-zmq".into())
-                .spawn({
-                    let failed = failed.clone();
-                    move || {
-                    let r = std::panic::catch_unwind(AssertUnwindSafe(|| ingest::run(inputs, &cx)));
-                    let failure = match r {
-                        Ok(Ok(())) => None,
-                        Ok(Err(e)) => Some(e),
-                        Err(p) => Some(panic_text(p.as_ref())),
-                    };
-                    cx.state.ended(failure.clone());
-                    if let Some(f) = &failure {
-                        error!(reason = %f, "the ZeroMQ reader died: nothing is read any more; /health reports it");
-                        failed.cancel();
-                    }
-                    drop(ctx);
-                    let _ = done_tx.send(());
-                }})
-                .map_err(|e| Error::Config(format!("cannot start the ZeroMQ thread: {e}")))?;
+                read: AtomicU64::new(0),
+            }),
+            sink,
+            subject: subject_str.clone().into(),
+            publisher_id,
+            conn,
+            publish_timeout: config.publish_timeout,
+            shutdown_timeout: config.shutdown_timeout,
+            failed: failed.clone(),
+            on_start: config.on_data_thread_start,
+        };
+        let (ready_tx, ready_rx) = oneshot::channel::<Result<(), Error>>();
+        let (done_tx, done_rx) = oneshot::channel::<()>();
+        let started = std::thread::Builder::new()
+            .name("fpm-relay-data".into())
+            .spawn(move || data.run(ready_tx, done_tx));
+        let ready = match started {
+            Ok(_) => ready_rx.await.unwrap_or_else(|_| {
+                Err(Error::Config(
+                    "the relay's data thread died while starting".into(),
+                ))
+            }),
+            Err(e) => Err(Error::Config(format!(
+                "cannot start the relay's data thread: {e}"
+            ))),
+        };
+        if let Err(e) = ready {
+            if let Some((p, _)) = &record {
+                let p = p.clone();
+                let _ = blocking(move || std::fs::remove_file(p)).await;
+            }
+            return Err(e);
         }
 
         let http_cancel = CancellationToken::new();
@@ -258,7 +382,6 @@ impl Relay {
             })
         });
 
-        let subject_str = subject.subject();
         info!(
             subject = %subject_str,
             publisher_id,
@@ -266,24 +389,10 @@ impl Relay {
             metrics = %metrics_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()),
             "relay started"
         );
-        let mut publisher = Publisher {
-            client,
-            subject: subject_str.clone().into(),
-            publisher_id,
-            buffer,
-            metrics: metrics.clone(),
-            conn,
-            publish_timeout: config.publish_timeout,
-            sequence: 0,
-        };
-        let shutdown_timeout = config.shutdown_timeout;
         let record_path = record.as_ref().map(|(p, _)| p.clone());
+        let metrics_end = metrics.clone();
         let task = tokio::spawn(async move {
-            publisher.run(&shutdown).await;
-            // The ZeroMQ thread notices the token within one poll interval.
-            let deadline = tokio::time::Instant::now() + shutdown_timeout;
-            let _ = tokio::time::timeout_at(deadline, done_rx).await;
-            publisher.drain(deadline).await;
+            let _ = done_rx.await;
             if let Some(r) = refresh {
                 let _ = r.await;
             }
@@ -294,7 +403,7 @@ impl Relay {
                 }
             }
             http_cancel.cancel();
-            let s = publisher.metrics.stats();
+            let s = metrics_end.stats();
             info!(
                 received = s.received,
                 published = s.published,
@@ -315,7 +424,7 @@ impl Relay {
         })
     }
 
-    /// Completes if a stage dies: the ZeroMQ reader thread panicked or ZeroMQ failed. The
+    /// Completes if a stage dies: an input task or the data thread panicked. The
     /// relay does not restart it: `/health` reports 503 from then on, and the owner should
     /// shut the relay down ([`Relay::finish`] then returns [`Error::ReaderDied`]) and let a
     /// supervisor start a new one. `fpm relay` does exactly that and exits 1.
@@ -323,7 +432,7 @@ impl Relay {
         self.failed.cancelled().await;
     }
 
-    /// Whether every stage is working: the ZeroMQ reader thread runs and NATS is connected
+    /// Whether every stage is working: the data thread turns and NATS is connected
     /// (what `/health` reports).
     pub fn healthy(&self) -> bool {
         self.reader.alive() && self.metrics.connected.get() == 1
@@ -370,7 +479,7 @@ impl Relay {
     /// Like [`Relay::wait`], but an error if the relay stopped because a stage died.
     ///
     /// # Errors
-    /// [`Error::ReaderDied`] with the reason, when the ZeroMQ reader thread died.
+    /// [`Error::ReaderDied`] with the reason, when an input or the data thread died.
     pub async fn finish(self) -> Result<Stats, Error> {
         let reader = self.reader.clone();
         let stats = self.wait().await;

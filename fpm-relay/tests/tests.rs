@@ -79,9 +79,19 @@ mod relay {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn engine_started_after_relay_and_restarted() {
-        let nats = NatsServer::start();
         let dir = tempfile::tempdir().unwrap();
-        let ep = fpm_testkit::ipc_base(dir.path(), "late") + ".0";
+        started_late_and_restarted(fpm_testkit::ipc_base(dir.path(), "late") + ".0").await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn engine_started_after_relay_and_restarted_over_tcp() {
+        started_late_and_restarted(format!("tcp://127.0.0.1:{}", free_port())).await;
+    }
+
+    /// The engine binds after the relay started, then restarts on the same endpoint: the
+    /// relay connects by itself both times, and counts the gap and the reset.
+    async fn started_late_and_restarted(ep: String) {
+        let nats = NatsServer::start();
         let mut sub = subscribe(&nats.url(), SUBJECT).await;
         let (relay, stop) = start(vec![ep.clone()], &nats.url(), |_| {}).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -1027,6 +1037,162 @@ mod trust {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use crate::common::*;
+
+    /// A fake engine speaking ZMTP by hand: greets like a libzmq PUB, then sends `attack`.
+    /// Each accepted connection gets the next attack; the last one is repeated.
+    async fn hostile_pub(listener: tokio::net::UnixListener, attacks: Vec<Vec<u8>>) {
+        let mut greeting = [0u8; 64];
+        greeting[0] = 0xff;
+        greeting[9] = 0x7f;
+        greeting[10] = 3;
+        greeting[12..16].copy_from_slice(b"NULL");
+        let mut ready = vec![0x04, 25, 5];
+        ready.extend_from_slice(b"READY");
+        ready.push(11);
+        ready.extend_from_slice(b"Socket-Type");
+        ready.extend_from_slice(&3u32.to_be_bytes());
+        ready.extend_from_slice(b"PUB");
+        for i in 0.. {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let attack = attacks[i.min(attacks.len() - 1)].clone();
+            let (greeting, ready) = (greeting, ready.clone());
+            tokio::spawn(async move {
+                let mut peer = [0u8; 64];
+                s.write_all(&greeting).await?;
+                s.read_exact(&mut peer).await?;
+                s.write_all(&ready).await?;
+                // The relay's READY (27 bytes) and subscription (3 bytes).
+                let mut theirs = [0u8; 30];
+                s.read_exact(&mut theirs).await?;
+                assert_eq!(&theirs[3..8], b"READY");
+                assert_eq!(&theirs[27..], &[0, 1, 1], "subscribes to everything");
+                s.write_all(&attack).await?;
+                // Hold the connection until the relay drops it.
+                let mut sink = [0u8; 64];
+                while s.read(&mut sink).await? > 0 {}
+                std::io::Result::Ok(())
+            });
+        }
+    }
+
+    fn frame(more: bool, body: &[u8]) -> Vec<u8> {
+        let mut f = vec![u8::from(more) | 0x02];
+        f.extend_from_slice(&(body.len() as u64).to_be_bytes());
+        f.extend_from_slice(body);
+        f
+    }
+
+    /// A peer announcing a frame of 2^62 bytes, one sending an endless multipart message, and
+    /// one breaking the framing: each is refused from the headers (nothing allocated for
+    /// the announced size: the test process would abort), counted as one message by reason,
+    /// and the relay connects again and relays what comes next.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hostile_zeromq_peers_are_refused_from_the_headers_and_counted() {
+        let nats = NatsServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let ep = fpm_testkit::ipc_base(dir.path(), "zmtp") + ".0";
+        let listener = tokio::net::UnixListener::bind(ep.strip_prefix("ipc://").unwrap()).unwrap();
+        let mut huge = vec![0x02];
+        huge.extend_from_slice(&(1u64 << 62).to_be_bytes());
+        let endless: Vec<u8> = std::iter::repeat_n([0x01u8, 0x00], 1 << 20)
+            .flatten()
+            .collect();
+        let reserved_bits = vec![0x40, 0];
+        let good = [
+            frame(true, b""),
+            frame(true, &0u64.to_be_bytes()),
+            frame(false, &fpm("w", 0, 0)),
+        ]
+        .concat();
+        tokio::spawn(hostile_pub(
+            listener,
+            vec![huge, endless, reserved_bits, good],
+        ));
+        let mut sub = subscribe(&nats.url(), SUBJECT).await;
+        let (relay, token) = start(vec![ep], &nats.url(), |c| c.max_payload = 4096).await;
+        wait_for(Duration::from_secs(10), || relay.stats().published >= 1).await;
+        let got = collect(&mut sub, 1, Duration::from_secs(5)).await;
+        assert_eq!(got[0].payload, fpm("w", 0, 0));
+        assert!(relay.healthy());
+        let s = shut_down(relay, &token).await;
+        assert_eq!(s.invalid(InvalidReason::OversizedFrame), 2, "{s:?}");
+        assert_eq!(s.invalid(InvalidReason::Protocol), 1, "{s:?}");
+        assert_eq!(s.received, s.invalid.total() + s.published, "{s:?}");
+    }
+
+    /// An endpoint where something other than a ZeroMQ PUB listens (an HTTP-ish server, a
+    /// SUB): the relay keeps retrying without crashing, and relays once a real engine binds.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn non_zeromq_and_wrong_socket_peers_are_retried() {
+        let nats = NatsServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let ep = fpm_testkit::ipc_base(dir.path(), "notzmq") + ".0";
+        let path = ep.strip_prefix("ipc://").unwrap().to_owned();
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let http = tokio::spawn(async move {
+            let mut n = 0;
+            while let Ok((mut s, _)) = listener.accept().await {
+                n += 1;
+                let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
+                if n == 3 {
+                    return n;
+                }
+            }
+            n
+        });
+        let (relay, token) = start(vec![ep.clone()], &nats.url(), |_| {}).await;
+        assert_eq!(within(10, http).await.unwrap(), 3, "retried");
+        std::fs::remove_file(&path).unwrap();
+        // A SUB bound where a PUB should be: libzmq's own handshake, wrong socket type.
+        let ctx = zmq::Context::new();
+        let wrong = ctx.socket(zmq::SUB).unwrap();
+        wrong.bind(&ep).unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        drop(wrong);
+        let _ = std::fs::remove_file(&path);
+        let mut engine = Engine::bind(&ep);
+        engine.warm_up(&relay, "w").await;
+        let s = shut_down(relay, &token).await;
+        assert!(s.published >= 1, "{s:?}");
+        assert_eq!(
+            s.invalid.total(),
+            0,
+            "handshake failures are not messages: {s:?}"
+        );
+    }
+
+    /// libzmq engines with ZMTP heartbeats on drop a peer that does not answer PING within
+    /// the timeout: the relay answers, so a stream sent across many heartbeat periods
+    /// arrives whole, with no gap.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn libzmq_heartbeats_are_answered() {
+        let nats = NatsServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let ep = fpm_testkit::ipc_base(dir.path(), "hb") + ".0";
+        let mut engine = Engine::bind_with(&ep, |s| {
+            s.set_heartbeat_ivl(20).unwrap();
+            s.set_heartbeat_timeout(100).unwrap();
+        });
+        let (relay, token) = start(vec![ep], &nats.url(), |_| {}).await;
+        engine.warm_up(&relay, "w").await;
+        let before = relay.stats();
+        for _ in 0..60 {
+            engine.send_next("w");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        wait_for(Duration::from_secs(5), || {
+            relay.stats().published == before.published + 60
+        })
+        .await;
+        let s = shut_down(relay, &token).await;
+        assert_eq!(
+            s.counter_gaps, 0,
+            "the engine never dropped the relay: {s:?}"
+        );
+        assert_eq!(s.counter_resets, 0, "{s:?}");
+    }
 
     /// Where the key (`version` … `counter_id`) of an encoded message ends.
     fn key_end(payload: &[u8]) -> usize {

@@ -99,10 +99,12 @@ pub struct RelayArgs {
     /// removed on shutdown). Not needed by Dynamo's subscriber in recv or tracking mode.
     #[arg(long, env = "DYN_FILE_KV", value_name = "DIR")]
     pub discovery_dir: Option<PathBuf>,
-    /// ZeroMQ receive high-water mark per engine socket, in messages.
-    #[arg(long, default_value_t = 100_000)]
-    pub zmq_rcvhwm: i32,
-    /// Fault injection for tests: the ZeroMQ reader thread panics after this many messages.
+    /// No longer used (accepted so that old command lines still start): the relay reads the
+    /// engines' sockets itself, and its buffer (`--buffer-messages`, `--buffer-bytes`) is the
+    /// bound.
+    #[arg(long, hide = true)]
+    pub zmq_rcvhwm: Option<i32>,
+    /// Fault injection for tests: the ZeroMQ input panics after this many messages.
     #[arg(long, hide = true)]
     pub fault_panic_reader_after: Option<u64>,
 
@@ -133,7 +135,7 @@ impl RelayArgs {
             .flat_map(|g| g.endpoints)
             .collect();
         for e in &endpoints {
-            if !(e.starts_with("tcp://") || e.starts_with("ipc://") || e.starts_with("inproc://")) {
+            if !(e.starts_with("tcp://") || e.starts_with("ipc://")) {
                 bail!("ZeroMQ endpoint {e:?} is not usable: use tcp://HOST:PORT or ipc:///path");
             }
         }
@@ -172,7 +174,9 @@ impl RelayArgs {
             .discovery_dir
             .clone()
             .filter(|d| !d.as_os_str().is_empty());
-        c.zmq_rcvhwm = self.zmq_rcvhwm;
+        if self.zmq_rcvhwm.is_some() {
+            tracing::warn!("--zmq-rcvhwm has no effect any more: the relay's buffer (--buffer-messages, --buffer-bytes) bounds what waits");
+        }
         c.fault_panic_reader_after = self.fault_panic_reader_after;
         Ok(c)
     }

@@ -72,10 +72,16 @@ pub struct Engine {
 
 impl Engine {
     pub fn bind(endpoint: &str) -> Self {
+        Self::bind_with(endpoint, |_| {})
+    }
+
+    /// Like [`Engine::bind`], with extra socket options set before binding.
+    pub fn bind_with(endpoint: &str, options: impl FnOnce(&zmq::Socket)) -> Self {
         let ctx = zmq::Context::new();
         let sock = ctx.socket(zmq::PUB).unwrap();
         sock.set_sndhwm(1_000_000).unwrap();
         sock.set_linger(1000).unwrap();
+        options(&sock);
         sock.bind(endpoint).unwrap();
         Engine {
             _ctx: ctx,
