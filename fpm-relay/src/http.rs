@@ -1,16 +1,21 @@
-//! A minimal HTTP/1.1 responder for `/metrics`, `/health` and `/live` (GET only, one request
-//! per connection), shared by the relay and `fpm watch`. Small on purpose: three fixed routes
-//! do not need a web framework.
+//! The HTTP endpoints `/metrics`, `/health` and `/live` (GET and HEAD; one request per
+//! connection), on hyper 1, shared by the relay and `fpm watch`.
 //!
 //! At most [`Limits::max_connections`] connections are served at once; more are answered
-//! `503` at once and closed, and counted (`fpm_relay_http_rejected_connections_total`). A
-//! client must send its request within [`Limits::read_timeout`], so idle connections cannot
-//! hold the slots.
+//! `503` and closed, and counted (`fpm_relay_http_rejected_connections_total`). A client must
+//! send its request head within [`Limits::read_timeout`], so idle connections cannot hold
+//! the slots.
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -20,9 +25,8 @@ use crate::ingest::ReaderState;
 use crate::metrics::Metrics;
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 5\r\nConnection: close\r\n\r\nbusy\n";
-/// How long a refused connection is kept to read its request away (so closing it does not
-/// reset the connection before the client reads the 503).
+/// How long a refused connection is kept to read its request and answer 503 (so closing it
+/// does not reset the connection before the client reads the answer).
 const BUSY_DRAIN: Duration = Duration::from_millis(500);
 /// How long writing a response may take.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -120,100 +124,87 @@ pub async fn serve<S: Status>(
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             health.rejected();
-            // Answer 503 and close. Closing with the client's request unread would reset the
-            // connection (RST) and the client might never see the 503, so a bounded pool of
-            // short-lived responders reads the request away first (at most BUSY_DRAIN long);
-            // when that pool is full too, the connection is just closed.
-            match busy.clone().try_acquire_owned() {
-                Ok(p) => {
-                    tokio::spawn(async move {
-                        let mut stream = stream;
-                        let _ = stream.try_write(BUSY);
-                        let _ = stream.shutdown().await;
-                        let mut sink = [0u8; 1024];
-                        let _ = tokio::time::timeout(BUSY_DRAIN, async {
-                            while let Ok(n) = stream.read(&mut sink).await {
-                                if n == 0 {
-                                    break;
-                                }
-                            }
-                        })
-                        .await;
-                        drop(p);
+            // Answer 503 from a bounded pool of short-lived responders; when that pool is
+            // full too, the connection is just closed.
+            if let Ok(p) = busy.clone().try_acquire_owned() {
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|_req: Request<Incoming>| async {
+                        Ok::<_, Infallible>(reply(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "text/plain",
+                            "busy\n".to_owned(),
+                        ))
                     });
-                }
-                Err(_) => {
-                    let _ = stream.try_write(BUSY);
-                    drop(stream);
-                }
+                    let _ =
+                        tokio::time::timeout(BUSY_DRAIN, connection(stream, svc, BUSY_DRAIN)).await;
+                    drop(p);
+                });
             }
             continue;
         };
         let health = health.clone();
         tokio::spawn(async move {
-            let _ = respond(stream, &*health, limits.read_timeout).await;
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let r = route(&*health, req.method(), req.uri().path());
+                async move { Ok::<_, Infallible>(r) }
+            });
+            let _ = tokio::time::timeout(
+                limits.read_timeout + WRITE_TIMEOUT,
+                connection(stream, svc, limits.read_timeout),
+            )
+            .await;
             drop(permit);
         });
     }
 }
 
-async fn read_head(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && !buf.windows(2).any(|w| w == b"\n\n") {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 || buf.len() > 16 * 1024 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
+/// Serves one request on `stream` (no keep-alive), waiting at most `read_timeout` for its head.
+async fn connection<S>(stream: TcpStream, svc: S, read_timeout: Duration)
+where
+    S: hyper::service::Service<
+        Request<Incoming>,
+        Response = Response<Full<Bytes>>,
+        Error = Infallible,
+    >,
+{
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(read_timeout)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), svc);
+    if let Err(e) = conn.await {
+        debug!(error = %e, "HTTP connection ended with an error");
     }
-    Ok(buf)
 }
 
-async fn respond<S: Status>(
-    mut stream: TcpStream,
-    health: &S,
-    read_timeout: Duration,
-) -> std::io::Result<()> {
-    let Ok(buf) = tokio::time::timeout(read_timeout, read_head(&mut stream)).await else {
-        debug!("HTTP client sent no request in time; closed");
-        return Ok(());
-    };
-    let buf = buf?;
-    let head = String::from_utf8_lossy(&buf);
-    let mut parts = head.split_whitespace();
-    let method = parts.next().unwrap_or("");
-    let path = parts.next().unwrap_or("").split('?').next().unwrap_or("");
-    let (status, ctype, body) = match (method, path) {
-        ("GET" | "HEAD", "/metrics") => ("200 OK", OPENMETRICS, health.metrics()),
-        ("GET" | "HEAD", "/live") => ("200 OK", "text/plain", "live\n".to_owned()),
-        ("GET" | "HEAD", "/health") => match health.health() {
-            (true, text) => ("200 OK", "text/plain", text),
-            (false, text) => ("503 Service Unavailable", "text/plain", text),
+fn reply(status: StatusCode, ctype: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(ctype));
+    r
+}
+
+/// The answer to one request (hyper leaves the body out for HEAD).
+fn route<S: Status>(health: &S, method: &Method, path: &str) -> Response<Full<Bytes>> {
+    if method != Method::GET && method != Method::HEAD {
+        return reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET only\n".to_owned(),
+        );
+    }
+    match path {
+        "/metrics" => reply(StatusCode::OK, OPENMETRICS, health.metrics()),
+        "/live" => reply(StatusCode::OK, "text/plain", "live\n".to_owned()),
+        "/health" => match health.health() {
+            (true, text) => reply(StatusCode::OK, "text/plain", text),
+            (false, text) => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", text),
         },
-        ("GET" | "HEAD", _) => (
-            "404 Not Found",
+        _ => reply(
+            StatusCode::NOT_FOUND,
             "text/plain",
             "try /metrics, /health or /live\n".to_owned(),
         ),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "GET only\n".to_owned(),
-        ),
-    };
-    let mut resp = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    if method != "HEAD" {
-        resp.push_str(&body);
     }
-    let write = async {
-        stream.write_all(resp.as_bytes()).await?;
-        stream.shutdown().await
-    };
-    tokio::time::timeout(WRITE_TIMEOUT, write)
-        .await
-        .unwrap_or(Ok(()))
 }

@@ -488,6 +488,27 @@ mod relay {
         assert_eq!(http_get(addr, "/health").await.0, 200);
         assert_eq!(http_get(addr, "/live").await.0, 200);
         assert_eq!(http_get(addr, "/nope").await.0, 404);
+        // HEAD: the headers (with the body's length) and no body; other methods: 405;
+        // garbage: 400; the query string is ignored.
+        let head = http_raw(addr, b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(
+            head.to_ascii_lowercase().contains("content-length:"),
+            "{head}"
+        );
+        assert!(head.ends_with("\r\n\r\n"), "no body after HEAD: {head}");
+        let post = http_raw(
+            addr,
+            b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+        )
+        .await;
+        assert!(post.starts_with("HTTP/1.1 405"), "{post}");
+        let junk = http_raw(addr, b"\x16\x03\x01garbage\r\n\r\n").await;
+        assert!(
+            junk.is_empty() || junk.starts_with("HTTP/1.1 400"),
+            "{junk}"
+        );
+        assert_eq!(http_get(addr, "/live?x=1").await.0, 200);
         nats.stop();
         wait_for(Duration::from_secs(5), || !relay.stats().nats_connected).await;
         let (code, body) = http_get(addr, "/health").await;

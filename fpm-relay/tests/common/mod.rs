@@ -269,6 +269,20 @@ pub fn collect_all_envelopes(got: &[Got]) -> Vec<(u64, u64, u64)> {
 }
 
 /// A minimal HTTP GET; returns (status code, body).
+/// Sends `request` as is and returns everything the server answered before closing.
+pub async fn http_raw(addr: SocketAddr, request: &[u8]) -> String {
+    let fut = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(request).await.unwrap();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf).await;
+        String::from_utf8_lossy(&buf).into_owned()
+    };
+    tokio::time::timeout(Duration::from_secs(5), fut)
+        .await
+        .expect("http in time")
+}
+
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let fut = async {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
