@@ -7,42 +7,53 @@
 //! atomically. Dynamo deletes records whose mtime is older than about 10 s, so the owner
 //! refreshes the mtime every few seconds, and removes the file when it stops.
 
-use std::fmt::Write as _;
 use std::fs;
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use fpm_schema::{FpmSubject, FPM_TOPIC};
+use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
+use serde::Serialize;
 
 /// Percent-encodes every byte that is not an ASCII letter or digit, upper-case hex.
 pub(crate) fn encode_key(key: &str) -> String {
-    let mut out = String::with_capacity(key.len() * 2);
-    for b in key.bytes() {
-        if b.is_ascii_alphanumeric() {
-            out.push(b as char);
-        } else {
-            let _ = write!(out, "%{b:02X}");
-        }
-    }
-    out
+    utf8_percent_encode(key, NON_ALPHANUMERIC).to_string()
 }
 
-fn json_str(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
+/// Dynamo's `DiscoveryInstance::EventChannel`, field for field, in its serialization order.
+#[derive(Serialize)]
+struct EventChannel<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    scope: Scope<'a>,
+    topic: &'a str,
+    instance_id: u64,
+    transport: Transport<'a>,
+}
+
+#[derive(Serialize)]
+struct Scope<'a> {
+    kind: &'static str,
+    endpoint: EndpointId<'a>,
+}
+
+#[derive(Serialize)]
+struct EndpointId<'a> {
+    namespace: &'a str,
+    component: &'a str,
+    name: &'a str,
+}
+
+#[derive(Serialize)]
+struct Transport<'a> {
+    kind: &'static str,
+    config: NatsTransport<'a>,
+}
+
+#[derive(Serialize)]
+struct NatsTransport<'a> {
+    subject_prefix: &'a str,
 }
 
 /// The record file's path and contents, for an endpoint-scope subject.
@@ -60,13 +71,27 @@ pub(crate) fn record(
     let key =
         format!("namespace/{ns}/component/{c}/endpoint/{e}/topic/{FPM_TOPIC}/{publisher_id:x}");
     let path = dir.join("v1").join("event_channels").join(encode_key(&key));
-    let json = format!(
-        "{{\"type\":\"EventChannel\",\"scope\":{{\"kind\":\"endpoint\",\"endpoint\":{{\"namespace\":{},\"component\":{},\"name\":{}}}}},\"topic\":\"{FPM_TOPIC}\",\"instance_id\":{publisher_id},\"transport\":{{\"kind\":\"Nats\",\"config\":{{\"subject_prefix\":{}}}}}}}",
-        json_str(ns),
-        json_str(c),
-        json_str(e),
-        json_str(&subject.prefix()),
-    );
+    let prefix = subject.prefix();
+    let json = serde_json::to_string(&EventChannel {
+        kind: "EventChannel",
+        scope: Scope {
+            kind: "endpoint",
+            endpoint: EndpointId {
+                namespace: ns,
+                component: c,
+                name: e,
+            },
+        },
+        topic: FPM_TOPIC,
+        instance_id: publisher_id,
+        transport: Transport {
+            kind: "Nats",
+            config: NatsTransport {
+                subject_prefix: &prefix,
+            },
+        },
+    })
+    .ok()?;
     Some((path, json))
 }
 
@@ -122,6 +147,30 @@ mod tests {
             1
         )
         .is_none());
+    }
+
+    proptest::proptest! {
+        /// Any names a subject accepts give a record that parses back to the same fields.
+        #[test]
+        fn records_parse_back(
+            ns in "[a-zA-Z0-9_-]{1,20}",
+            c in "[a-zA-Z0-9_-]{1,20}",
+            e in "[a-zA-Z0-9_-]{1,20}",
+            id in 1u64..(1 << 53),
+        ) {
+            let Ok(s) = FpmSubject::endpoint(&ns, &c, &e) else { return Ok(()) };
+            let (p, json) = record(Path::new("/kv"), &s, id).unwrap();
+            let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+            proptest::prop_assert_eq!(&v["scope"]["endpoint"]["namespace"], &serde_json::json!(ns));
+            proptest::prop_assert_eq!(&v["scope"]["endpoint"]["component"], &serde_json::json!(c));
+            proptest::prop_assert_eq!(&v["scope"]["endpoint"]["name"], &serde_json::json!(e));
+            proptest::prop_assert_eq!(&v["instance_id"], &serde_json::json!(id));
+            proptest::prop_assert_eq!(&v["transport"]["config"]["subject_prefix"], &serde_json::json!(s.prefix()));
+            let name = p.file_name().unwrap().to_str().unwrap();
+            proptest::prop_assert!(name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'%'));
+            let hex = format!("{id:x}");
+            proptest::prop_assert!(name.ends_with(&hex));
+        }
     }
 
     #[test]
