@@ -45,7 +45,6 @@ mod config;
 mod cuda;
 mod emitter;
 mod error;
-pub mod sim;
 mod stats;
 mod transport;
 

@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use fpm_emitter::sim::{self, CostModel, RankReport, SimConfig};
 use fpm_emitter::Endpoint;
 use fpm_relay::{Relay, RelayConfig};
+use fpm_sim::{self as sim, CostModel, RankReport, SimConfig};
 use fpm_subscriber::planner::{FeedingPolicy, ModelConfig, ModelKind};
 use fpm_subscriber::record::Record;
 use fpm_subscriber::{unix_now_ns, ScopeFilter, SubjectFilter, Subscriber, SubscriberConfig};

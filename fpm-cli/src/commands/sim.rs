@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use fpm_emitter::sim::{self, CostModel, Rate, SimConfig};
 use fpm_emitter::Endpoint;
+use fpm_sim::{self as sim, CostModel, Rate, SimConfig};
 
 use super::parse_duration;
 

@@ -1,5 +1,6 @@
-//! A synthetic LLM engine that emits through the real [`Emitter`]: for demos, tests and load
-//! tests without a GPU.
+//! A synthetic LLM engine that emits through the real [`Emitter`](fpm_emitter::Emitter): for
+//! demos, tests and load tests without a GPU. A crate of its own so that engines linking
+//! `fpm-emitter` do not carry it.
 //!
 //! Per data-parallel rank, a scheduler thread runs in real time: Poisson arrivals, prompt and
 //! output lengths drawn from log-normal distributions, chunked prefill limited by
@@ -7,20 +8,40 @@
 //! as vLLM does), and an iteration time from a linear cost model plus noise. The iteration is
 //! "run" by sleeping for that time inside a timed segment, so the emitter measures it with its
 //! clock like a real forward pass, and a downstream regression has something real to learn.
+//! Random draws come from `rand`/`rand_distr`, seeded per rank from [`SimConfig::seed`], so a
+//! run's requests are reproducible from its seed.
 //!
 //! With [`SimConfig::rate`] set, the model is ignored and messages go out at a fixed rate (or
 //! as fast as possible) for load tests.
+//!
+//! ```no_run
+//! use std::sync::{atomic::AtomicBool, Arc};
+//! use std::time::Duration;
+//! use fpm_emitter::Endpoint;
+//! use fpm_sim::SimConfig;
+//!
+//! let mut config = SimConfig::new(Endpoint::IpcBase("ipc:///tmp/fpm-sim".into()), "sim-1");
+//! config.dp_size = 2;
+//! config.duration = Duration::from_secs(5);
+//! for rank in fpm_sim::run(&config, Arc::new(AtomicBool::new(false)))? {
+//!     println!("rank {}: {} iterations", rank.dp_rank, rank.iterations);
+//! }
+//! # Ok::<(), fpm_emitter::EmitterError>(())
+//! ```
+#![deny(missing_docs)]
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fpm_schema::{QueuedRequestsBuilder, ScheduledRequestsBuilder};
-
-use crate::{
+use fpm_emitter::{
     ClockChoice, Emitter, EmitterConfig, EmitterError, EmitterStats, Endpoint, StreamHandle,
 };
+use fpm_schema::{QueuedRequestsBuilder, ScheduledRequestsBuilder};
+use rand::rngs::Xoshiro256PlusPlus;
+use rand::SeedableRng;
+use rand_distr::{Distribution, Exp, LogNormal, StandardNormal};
 
 /// The linear iteration-time model: `base + prefill * tokens + decode_kv * kv_tokens +
 /// decode_req * requests`, times `1 + noise * N(0, 1)`.
@@ -177,38 +198,65 @@ pub fn run(config: &SimConfig, stop: Arc<AtomicBool>) -> Result<Vec<RankReport>,
     Ok(threads.into_iter().filter_map(|t| t.join().ok()).collect())
 }
 
-/// A tiny seeded generator (SplitMix64) with the distributions the simulation needs.
+/// A rank's random draws: a seeded generator (xoshiro256++, the same sequence on every
+/// platform) and the distributions the model samples.
 #[derive(Debug, Clone)]
-struct Rng(u64);
+struct Draws {
+    rng: Xoshiro256PlusPlus,
+    prompt: LogNormal<f64>,
+    output: LogNormal<f64>,
+    /// Gaps between arrivals; `None` when nothing arrives (rate 0 or not a number).
+    arrival_gap: Option<Exp<f64>>,
+}
 
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+impl Draws {
+    /// Log-space sigma of the length distributions.
+    const SIGMA: f64 = 0.6;
+
+    fn new(seed: u64, prompt_mean: f64, output_mean: f64, arrivals_per_s: f64) -> Self {
+        Draws {
+            rng: Xoshiro256PlusPlus::seed_from_u64(seed),
+            prompt: Self::lengths(prompt_mean),
+            output: Self::lengths(output_mean),
+            arrival_gap: (arrivals_per_s > 0.0)
+                .then(|| Exp::new(arrivals_per_s).ok())
+                .flatten(),
+        }
     }
 
-    /// Uniform in (0, 1].
-    fn unit(&mut self) -> f64 {
-        ((self.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64
+    /// Log-normal with the given mean (kept within 1..2^20, so the parameters are always
+    /// valid) and a log-space sigma of 0.6.
+    fn lengths(mean: f64) -> LogNormal<f64> {
+        let mean = if mean.is_nan() {
+            1.0
+        } else {
+            mean.clamp(1.0, (1 << 20) as f64)
+        };
+        let mu = mean.ln() - Self::SIGMA * Self::SIGMA / 2.0;
+        LogNormal::new(mu, Self::SIGMA).expect("finite mu, positive finite sigma")
     }
 
+    fn length(dist: &LogNormal<f64>, rng: &mut Xoshiro256PlusPlus) -> i64 {
+        (dist.sample(rng).round() as i64).clamp(1, 1 << 20)
+    }
+
+    fn prompt_len(&mut self) -> i64 {
+        Self::length(&self.prompt, &mut self.rng)
+    }
+
+    fn output_len(&mut self) -> i64 {
+        Self::length(&self.output, &mut self.rng)
+    }
+
+    /// Time to the next arrival; `None` if there is none.
+    fn arrival_gap(&mut self) -> Option<Duration> {
+        let gap = self.arrival_gap?.sample(&mut self.rng);
+        Duration::try_from_secs_f64(gap).ok()
+    }
+
+    /// A standard normal draw.
     fn normal(&mut self) -> f64 {
-        let (u1, u2) = (self.unit(), self.unit());
-        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
-    }
-
-    fn exponential(&mut self, rate: f64) -> f64 {
-        -self.unit().ln() / rate
-    }
-
-    /// Log-normal with the given mean and a log-space sigma of 0.6, at least 1.
-    fn length(&mut self, mean: f64) -> i64 {
-        const SIGMA: f64 = 0.6;
-        let mu = mean.max(1.0).ln() - SIGMA * SIGMA / 2.0;
-        ((mu + SIGMA * self.normal()).exp().round() as i64).clamp(1, 1 << 20)
+        StandardNormal.sample(&mut self.rng)
     }
 }
 
@@ -244,7 +292,7 @@ struct Rank {
     cfg: SimConfig,
     rank: u32,
     emitter: Emitter,
-    rng: Rng,
+    draws: Draws,
     waiting: VecDeque<Request>,
     running: Vec<Request>,
     kv_used: i64,
@@ -256,15 +304,17 @@ struct Rank {
 
 impl Rank {
     fn new(cfg: SimConfig, rank: u32, emitter: Emitter) -> Self {
-        let seed = cfg
-            .seed
-            .wrapping_add(rank as u64)
-            .wrapping_mul(0x2545_f491_4f6c_dd1d);
+        let draws = Draws::new(
+            cfg.seed.wrapping_add(u64::from(rank)),
+            cfg.prompt_len_mean,
+            cfg.output_len_mean,
+            cfg.rps / f64::from(cfg.dp_size.max(1)),
+        );
         Rank {
             cfg,
             rank,
             emitter,
-            rng: Rng(seed),
+            draws,
             waiting: VecDeque::new(),
             running: Vec::new(),
             kv_used: 0,
@@ -327,20 +377,18 @@ impl Rank {
     }
 
     fn run_model(&mut self, start: Instant, end: Instant, stop: &AtomicBool) {
-        let per_rank_rps = self.cfg.rps / self.cfg.dp_size.max(1) as f64;
-        let mut next_arrival = if per_rank_rps > 0.0 {
-            start + Duration::from_secs_f64(self.rng.exponential(per_rank_rps))
-        } else {
-            end
-        };
+        // No arrival (rate 0) or one too far away to represent: none before the end.
+        let after =
+            |t: Instant, gap: Option<Duration>| gap.and_then(|g| t.checked_add(g)).unwrap_or(end);
+        let mut next_arrival = after(start, self.draws.arrival_gap());
         while !stop.load(Ordering::Relaxed) {
             let now = Instant::now();
             if now >= end {
                 break;
             }
             while next_arrival <= now {
-                let prompt = self.rng.length(self.cfg.prompt_len_mean);
-                let output = self.rng.length(self.cfg.output_len_mean);
+                let prompt = self.draws.prompt_len();
+                let output = self.draws.output_len();
                 self.waiting.push_back(Request {
                     prompt,
                     output,
@@ -349,7 +397,7 @@ impl Rank {
                     preempted: false,
                 });
                 self.arrived += 1;
-                next_arrival += Duration::from_secs_f64(self.rng.exponential(per_rank_rps));
+                next_arrival = after(next_arrival, self.draws.arrival_gap());
             }
             if self.running.is_empty() && self.waiting.is_empty() {
                 self.emitter.set_idle(true);
@@ -437,7 +485,7 @@ impl Rank {
         }
 
         let expected = cfg.cost.expected(prefill_tokens, decode_kv, decode_n);
-        let secs = (expected * (1.0 + cfg.cost.noise * self.rng.normal())).max(0.0);
+        let secs = (expected * (1.0 + cfg.cost.noise * self.draws.normal())).max(0.0);
         self.emitter.begin_iteration();
         self.emitter.time_segment(StreamHandle::DEFAULT, || {
             std::thread::sleep(Duration::from_secs_f64(secs))
@@ -474,10 +522,51 @@ mod tests {
 
     #[test]
     fn lengths_have_roughly_the_requested_mean() {
-        let mut r = Rng(7);
+        let mut d = Draws::new(7, 1000.0, 50.0, 1.0);
         let n = 20_000;
-        let mean = (0..n).map(|_| r.length(1000.0)).sum::<i64>() as f64 / n as f64;
-        assert!((900.0..1100.0).contains(&mean), "{mean}");
+        let mean = (0..n).map(|_| d.prompt_len()).sum::<i64>() as f64 / n as f64;
+        assert!((950.0..1050.0).contains(&mean), "{mean}");
+        let mean = (0..n).map(|_| d.output_len()).sum::<i64>() as f64 / n as f64;
+        assert!((47.5..52.5).contains(&mean), "{mean}");
+    }
+
+    #[test]
+    fn arrivals_are_poisson_at_the_rate() {
+        let mut d = Draws::new(3, 1.0, 1.0, 20.0);
+        let n = 20_000;
+        let total: f64 = (0..n).map(|_| d.arrival_gap().unwrap().as_secs_f64()).sum();
+        let mean_gap = total / n as f64;
+        assert!((0.0475..0.0525).contains(&mean_gap), "{mean_gap}");
+        assert_eq!(Draws::new(3, 1.0, 1.0, 0.0).arrival_gap(), None);
+        assert_eq!(Draws::new(3, 1.0, 1.0, f64::NAN).arrival_gap(), None);
+    }
+
+    #[test]
+    fn odd_means_still_give_valid_lengths() {
+        for mean in [f64::NAN, f64::INFINITY, -5.0, 0.0, 1e300] {
+            let mut d = Draws::new(1, mean, mean, 1.0);
+            let l = d.prompt_len();
+            assert!((1..=1 << 20).contains(&l), "{mean}: {l}");
+        }
+    }
+
+    #[test]
+    fn a_seed_reproduces_its_draws_and_ranks_differ() {
+        let sample = |seed| {
+            let mut d = Draws::new(seed, 1000.0, 100.0, 4.0);
+            (0..32)
+                .map(|_| {
+                    (
+                        d.prompt_len(),
+                        d.output_len(),
+                        d.arrival_gap(),
+                        d.normal().to_bits(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(sample(42), sample(42));
+        assert_ne!(sample(42), sample(43));
     }
 
     #[test]
