@@ -26,20 +26,63 @@ pub enum Error {
     /// A namespace, component or endpoint name cannot be used in a NATS subject.
     #[error(transparent)]
     Name(#[from] fpm_schema::NameError),
-    /// The NATS URL does not parse.
-    #[error("NATS URL {url:?} is not valid ({reason}): use nats://HOST:PORT (or tls://, ws://), comma-separated for several servers")]
+    /// The NATS URL does not parse. The parser's error is the source.
+    #[error("NATS URL {url:?} is not valid: use nats://HOST:PORT (or tls://, ws://), comma-separated for several servers")]
     NatsUrl {
         /// The URL as given.
         url: String,
-        /// Why it was rejected.
-        reason: String,
+        /// What the parser said (absent for an empty URL).
+        #[source]
+        source: Option<std::io::Error>,
     },
-    /// A credentials file, nkey seed or TLS file could not be used.
-    #[error("NATS credentials: {0}")]
-    Credentials(String),
-    /// Connecting to NATS failed in a way retrying cannot fix.
-    #[error("NATS: {0}")]
-    Nats(String),
+    /// No server host of the NATS URL resolves (retrying a name that does not exist would
+    /// never end).
+    #[error("NATS URL {url:?}: no server host resolves ({hosts})")]
+    NatsUnresolvable {
+        /// The URL as given.
+        url: String,
+        /// Each host and why it did not resolve.
+        hosts: String,
+    },
+    /// The NATS server refused the credentials; the client's error is the source.
+    #[error("the NATS server at {url} refused the credentials (check --nats-user/--nats-password, --nats-token, --nats-creds or --nats-nkey)")]
+    NatsRefused {
+        /// The URL.
+        url: String,
+        /// The client's error.
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    /// TLS with the NATS server failed; the client's error is the source.
+    #[error("TLS with the NATS server at {url} failed (check --nats-tls-ca / --nats-tls-cert / --nats-tls-key / --nats-tls)")]
+    NatsTls {
+        /// The URL.
+        url: String,
+        /// The client's error.
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    /// A credentials file could not be read.
+    #[error("cannot read the NATS creds file {path} (check --nats-creds)")]
+    CredsFile {
+        /// The file.
+        path: PathBuf,
+        /// The OS or parse error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The nkey seed does not parse.
+    #[error(
+        "the nkey seed is not valid (check --nats-nkey: a user seed is 'SU...', 58 characters)"
+    )]
+    NkeySeed(#[source] nkeys::error::Error),
+    /// A TLS file does not exist.
+    #[error("TLS file {0} does not exist: check --nats-tls-ca / --nats-tls-cert / --nats-tls-key")]
+    TlsFile(PathBuf),
+    /// Connecting to NATS failed in a way retrying cannot fix; the client's error is the
+    /// source.
+    #[error("cannot connect to NATS")]
+    Nats(#[source] async_nats::ConnectError),
     /// The metrics address could not be bound.
     #[error("cannot listen for /metrics on {addr} ({error}): pick another --metrics-addr")]
     MetricsBind {
@@ -63,4 +106,47 @@ pub enum Error {
     /// The configuration is inconsistent.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// A thread or blocking task of the relay could not be started or failed to finish.
+    #[error("{what}")]
+    Internal {
+        /// What failed.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `main` prints errors as a chain (`{:#}`): each cause once, after the message.
+    #[test]
+    fn causes_are_printed_once() {
+        let io = || std::io::Error::other("the cause");
+        let errors = [
+            Error::NatsUrl {
+                url: "x".into(),
+                source: Some(io()),
+            },
+            Error::CredsFile {
+                path: "/c".into(),
+                source: io(),
+            },
+            Error::Internal {
+                what: "cannot start",
+                source: io(),
+            },
+        ];
+        for e in &errors {
+            let mut text = e.to_string();
+            let mut cur = std::error::Error::source(e);
+            while let Some(c) = cur {
+                text = format!("{text}: {c}");
+                cur = c.source();
+            }
+            assert_eq!(text.matches("the cause").count(), 1, "{text}");
+        }
+    }
 }

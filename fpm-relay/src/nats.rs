@@ -21,14 +21,14 @@ fn parse_urls(url: &str) -> Result<Vec<ServerAddr>, Error> {
         .map(|s| {
             ServerAddr::from_str(s).map_err(|e| Error::NatsUrl {
                 url: url.to_owned(),
-                reason: e.to_string(),
+                source: Some(e),
             })
         })
         .collect::<Result<_, _>>()?;
     if addrs.is_empty() {
         return Err(Error::NatsUrl {
             url: url.to_owned(),
-            reason: "empty".into(),
+            source: None,
         });
     }
     Ok(addrs)
@@ -52,9 +52,9 @@ async fn check_resolvable(url: &str, servers: &[ServerAddr]) -> Result<(), Error
             Err(_) => why.push(format!("resolving host {host:?} timed out")),
         }
     }
-    Err(Error::NatsUrl {
+    Err(Error::NatsUnresolvable {
         url: url.to_owned(),
-        reason: why.join("; "),
+        hosts: why.join("; "),
     })
 }
 
@@ -95,16 +95,16 @@ async fn check_files(paths: Vec<PathBuf>) -> Result<(), Error> {
     tokio::task::spawn_blocking(move || {
         for p in paths {
             if !p.is_file() {
-                return Err(Error::Credentials(format!(
-                    "TLS file {} does not exist: check --nats-tls-ca / --nats-tls-cert / --nats-tls-key",
-                    p.display()
-                )));
+                return Err(Error::TlsFile(p));
             }
         }
         Ok(())
     })
     .await
-    .map_err(|e| Error::Config(format!("file check task failed: {e}")))?
+    .map_err(|e| Error::Internal {
+        what: "the TLS file check failed",
+        source: std::io::Error::other(e),
+    })?
 }
 
 /// Checks a NATS configuration and builds the connect options every fpm process uses:
@@ -115,7 +115,9 @@ async fn check_files(paths: Vec<PathBuf>) -> Result<(), Error> {
 /// `event_callback` and connect to the returned servers.
 ///
 /// # Errors
-/// [`Error::NatsUrl`] or [`Error::Credentials`] naming the flag to fix.
+/// [`Error::NatsUrl`], [`Error::NatsUnresolvable`], [`Error::NatsRefused`],
+/// [`Error::NatsTls`], [`Error::CredsFile`], [`Error::NkeySeed`] or [`Error::TlsFile`], naming
+/// the flag to fix.
 pub async fn prepare(cfg: &NatsConfig) -> Result<(Vec<ServerAddr>, ConnectOptions), Error> {
     let servers = parse_urls(&cfg.url)?;
     check_resolvable(&cfg.url, &servers).await?;
@@ -138,14 +140,14 @@ async fn probe_credentials(cfg: &NatsConfig, servers: &[ServerAddr]) -> Result<(
             Ok(())
         }
         Err(e) => match e.kind() {
-            K::AuthorizationViolation | K::Authentication => Err(Error::Credentials(format!(
-                "the NATS server at {} refused the credentials ({e}): check --nats-user/--nats-password, --nats-token, --nats-creds or --nats-nkey",
-                cfg.url
-            ))),
-            K::Tls => Err(Error::Credentials(format!(
-                "TLS with the NATS server at {} failed ({e}): check --nats-tls-ca / --nats-tls-cert / --nats-tls-key / --nats-tls",
-                cfg.url
-            ))),
+            K::AuthorizationViolation | K::Authentication => Err(Error::NatsRefused {
+                url: cfg.url.clone(),
+                source: e,
+            }),
+            K::Tls => Err(Error::NatsTls {
+                url: cfg.url.clone(),
+                source: e,
+            }),
             _ => {
                 debug!(error = %e, "NATS not reachable at start-up; will keep trying");
                 Ok(())
@@ -163,17 +165,17 @@ async fn base_options(cfg: &NatsConfig) -> Result<ConnectOptions, Error> {
             o.user_and_password(user.clone(), password.clone())
         }
         NatsAuth::Token(t) => o.token(t.clone()),
-        NatsAuth::CredsFile(p) => o.credentials_file(p).await.map_err(|e| {
-            Error::Credentials(format!(
-                "cannot read the creds file {} ({e}): check --nats-creds",
-                p.display()
-            ))
-        })?,
+        NatsAuth::CredsFile(p) => {
+            o.credentials_file(p)
+                .await
+                .map_err(|source| Error::CredsFile {
+                    path: p.clone(),
+                    source,
+                })?
+        }
         NatsAuth::NkeySeed(seed) => {
             if let Err(e) = nkeys::KeyPair::from_seed(seed) {
-                return Err(Error::Credentials(format!(
-                    "the nkey seed is not valid ({e}): check --nats-nkey (a user seed is 'SU...', 58 characters)"
-                )));
+                return Err(Error::NkeySeed(e));
             }
             o.nkey(seed.clone())
         }

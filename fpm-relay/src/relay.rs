@@ -1,6 +1,5 @@
 //! Starting, observing and stopping a relay.
 
-use std::hash::{BuildHasher, Hasher};
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
@@ -21,28 +20,25 @@ use crate::metrics::{Metrics, Stats};
 use crate::publish::{Conn, Publisher, Sink};
 use crate::{discovery, http, ingest, Error};
 
-/// 64 random bits from the standard library's randomly seeded hasher (no extra dependency).
+/// 64 random bits from `rand`'s thread-local generator (seeded from the operating system).
 pub(crate) fn random_u64() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(N.fetch_add(1, Ordering::Relaxed));
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    h.write_u32(std::process::id());
-    h.finish()
+    rand::random()
 }
 
 /// A random publisher id in `1..2^53`, like Dynamo's.
 fn random_publisher_id() -> u64 {
-    loop {
-        let id = random_u64() & ((1 << 53) - 1);
-        if id != 0 {
-            return id;
-        }
+    rand::random_range(1..1 << 53)
+}
+
+#[cfg(test)]
+mod random_tests {
+    #[test]
+    fn publisher_ids_are_in_range_and_differ() {
+        let ids: std::collections::HashSet<u64> =
+            (0..1000).map(|_| super::random_publisher_id()).collect();
+        assert_eq!(ids.len(), 1000, "1000 draws from 2^53 values repeated one");
+        assert!(ids.iter().all(|id| (1..1 << 53).contains(id)));
+        assert_ne!(super::random_u64(), super::random_u64());
     }
 }
 
@@ -113,9 +109,10 @@ impl DataPath {
         {
             Ok(rt) => rt,
             Err(e) => {
-                let _ = ready.send(Err(Error::Config(format!(
-                    "cannot start the relay's runtime: {e}"
-                ))));
+                let _ = ready.send(Err(Error::Internal {
+                    what: "cannot start the relay's runtime",
+                    source: e,
+                }));
                 return;
             }
         };
@@ -136,7 +133,7 @@ impl DataPath {
             SinkSpec::Nats(servers, options) => match (*options).connect(servers).await {
                 Ok(c) => Sink::Nats(c),
                 Err(e) => {
-                    let _ = ready.send(Err(Error::Nats(e.to_string())));
+                    let _ = ready.send(Err(Error::Nats(e)));
                     return;
                 }
             },
@@ -241,7 +238,10 @@ impl Relay {
         let eps = config.zmq_endpoints.clone();
         tokio::task::spawn_blocking(move || ingest::check_endpoints(&eps))
             .await
-            .map_err(|e| Error::Config(format!("endpoint check task failed: {e}")))??;
+            .map_err(|e| Error::Internal {
+                what: "the endpoint check failed",
+                source: std::io::Error::other(e),
+            })??;
         let metrics = Arc::new(Metrics::with_inputs(
             &config.zmq_endpoints,
             config.max_label_sets,
@@ -328,13 +328,14 @@ impl Relay {
             .spawn(move || data.run(ready_tx, done_tx));
         let ready = match started {
             Ok(_) => ready_rx.await.unwrap_or_else(|_| {
-                Err(Error::Config(
+                Err(Error::ReaderDied(
                     "the relay's data thread died while starting".into(),
                 ))
             }),
-            Err(e) => Err(Error::Config(format!(
-                "cannot start the relay's data thread: {e}"
-            ))),
+            Err(source) => Err(Error::Internal {
+                what: "cannot start the relay's data thread",
+                source,
+            }),
         };
         if let Err(e) = ready {
             if let Some((p, _)) = &record {

@@ -604,7 +604,7 @@ mod auth {
         let relay = match within(10, Relay::start(c, token.clone())).await {
             Ok(r) => r,
             // Refused credentials are a start-up error (see `wrong_credentials_fail_at_start`).
-            Err(fpm_relay::Error::Credentials(_)) => return false,
+            Err(fpm_relay::Error::NatsRefused { .. }) => return false,
             Err(e) => panic!("{e}"),
         };
         let deadline = std::time::Instant::now() + Duration::from_millis(1500);
