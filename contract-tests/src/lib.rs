@@ -11,6 +11,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use fpm_schema::{ForwardPassMetrics, QueuedRequestMetrics, ScheduledRequestMetrics};
+use rand::{Rng, RngExt};
 use serde_json::{json, Map, Value};
 
 pub use fpm_testkit::{python, repo_root};
@@ -263,30 +264,13 @@ pub fn same(a: &ForwardPassMetrics, b: &ForwardPassMetrics) -> bool {
         && qa.var_decode_kv_tokens.to_bits() == qb.var_decode_kv_tokens.to_bits()
 }
 
-/// SplitMix64: a tiny seeded generator, so the Rust → Python vectors are reproducible from
-/// the printed seed without a `rand` dependency.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
+/// The seeded generator of the random vectors: `rand`'s xoshiro256++, the same sequence on
+/// every platform, so a failing run is reproduced from the seed it prints.
+pub type VectorRng = rand::rngs::Xoshiro256PlusPlus;
 
-impl Rng {
-    /// A generator from `seed`.
-    pub fn new(seed: u64) -> Self {
-        Rng(seed)
-    }
-
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (n > 0).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
+/// A [`VectorRng`] from `seed`.
+pub fn seeded_rng(seed: u64) -> VectorRng {
+    rand::SeedableRng::seed_from_u64(seed)
 }
 
 /// Every int-size boundary of msgpack, both signs.
@@ -309,44 +293,44 @@ pub const FLOAT_EDGES: [f64; 13] = [
     1.0 / 3.0,
 ];
 
-fn rand_i64(r: &mut Rng) -> i64 {
-    match r.below(4) {
-        0 => r.below(200) as i64 - 40,
+fn rand_i64(r: &mut impl Rng) -> i64 {
+    match r.random_range(0..4) {
+        0 => r.random_range(-40..160),
         1 => {
-            let b = INT_BOUNDARIES[r.below(INT_BOUNDARIES.len() as u64) as usize];
-            b.saturating_add(r.below(5) as i64 - 2)
+            let b = INT_BOUNDARIES[r.random_range(0..INT_BOUNDARIES.len())];
+            b.saturating_add(r.random_range(-2..=2))
         }
-        2 => r.below(1 << 20) as i64,
+        2 => r.random_range(0..1 << 20),
         _ => r.next_u64() as i64,
     }
 }
 
-fn rand_f64(r: &mut Rng) -> f64 {
-    match r.below(4) {
+fn rand_f64(r: &mut impl Rng) -> f64 {
+    match r.random_range(0..4) {
         0 => f64::from_bits(r.next_u64()),
-        1 => FLOAT_EDGES[r.below(FLOAT_EDGES.len() as u64) as usize],
-        2 => (r.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 1e6,
-        _ => r.below(100_000) as f64 / 64.0,
+        1 => FLOAT_EDGES[r.random_range(0..FLOAT_EDGES.len())],
+        2 => r.random::<f64>() * 1e6,
+        _ => f64::from(r.random_range(0..100_000)) / 64.0,
     }
 }
 
-fn rand_string(r: &mut Rng) -> String {
+fn rand_string(r: &mut impl Rng) -> String {
     const POOL: [char; 12] = [
         'a', 'Z', '0', '-', '_', ' ', 'é', 'ß', '中', '文', '🚀', '\u{301}',
     ];
-    let len = match r.below(4) {
+    let len = match r.random_range(0..4) {
         0 => 0,
-        1 => r.below(32),
-        2 => r.below(300),
+        1 => r.random_range(0..32),
+        2 => r.random_range(0..300),
         _ => 20,
     };
     (0..len)
-        .map(|_| POOL[r.below(POOL.len() as u64) as usize])
+        .map(|_| POOL[r.random_range(0..POOL.len())])
         .collect()
 }
 
 /// A random version-1 message.
-pub fn random_message(r: &mut Rng) -> ForwardPassMetrics {
+pub fn random_message(r: &mut impl Rng) -> ForwardPassMetrics {
     ForwardPassMetrics {
         version: 1,
         worker_id: rand_string(r),

@@ -319,7 +319,7 @@ mod live {
     fn rust_to_python(module: &str) {
         let Some(py) = python() else { return };
         let seed = seed();
-        let mut rng = Rng::new(seed);
+        let mut rng = seeded_rng(seed);
         let mut lines = String::new();
         let mut n = 0;
         for (name, m) in boundary_messages() {

@@ -6,11 +6,12 @@
 //! count, moving averages and `_max_observed_kv` (bit-exact), fit status, coefficients and
 //! intercept (1e-9 relative), and every estimator's output (1e-9 relative).
 
-use contract_tests::{python, run_script, Rng};
+use contract_tests::{python, run_script, seeded_rng, VectorRng};
 use fpm_schema::{ForwardPassMetrics, ScheduledRequestMetrics};
 use fpm_subscriber::planner::{
     AggModel, DecodeModel, FitError, ModelConfig, ModelKind, PrefillModel,
 };
+use rand::RngExt;
 use serde_json::{json, Value};
 
 /// Relative tolerance the issue sets for coefficients, intercepts and estimates.
@@ -174,24 +175,24 @@ impl Case {
     }
 }
 
-fn unit(r: &mut Rng) -> f64 {
-    (r.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+fn unit(r: &mut VectorRng) -> f64 {
+    r.random::<f64>()
 }
 
-fn pick<T: Copy>(r: &mut Rng, xs: &[T]) -> T {
-    xs[r.below(xs.len() as u64) as usize]
+fn pick<T: Copy>(r: &mut VectorRng, xs: &[T]) -> T {
+    xs[r.random_range(0..xs.len())]
 }
 
-fn maybe<T>(r: &mut Rng, p_none: u64, f: impl FnOnce(&mut Rng) -> T) -> Option<T> {
-    if r.below(100) < p_none {
+fn maybe<T>(r: &mut VectorRng, p_none: u64, f: impl FnOnce(&mut VectorRng) -> T) -> Option<T> {
+    if r.random_range(0..100) < p_none {
         None
     } else {
         Some(f(r))
     }
 }
 
-fn kv_rate(r: &mut Rng) -> Option<f64> {
-    match r.below(10) {
+fn kv_rate(r: &mut VectorRng) -> Option<f64> {
+    match r.random_range(0..10) {
         0..=3 => None,
         4 => Some(f64::NAN),
         5 => Some(pick(r, &[-0.5, 0.0, 0.95, 1.0, 1.5])),
@@ -199,21 +200,21 @@ fn kv_rate(r: &mut Rng) -> Option<f64> {
     }
 }
 
-fn gen_query(r: &mut Rng, kind: ModelKind) -> Query {
+fn gen_query(r: &mut VectorRng, kind: ModelKind) -> Query {
     // Upstream predicts once per chunk of `mbt` tokens (sklearn's predict costs ~0.1 ms), so
     // budgets stay large enough that a query is at most a few hundred predictions.
     let mbt = pick(r, &[0, 256, 512, 1024, 2048, 8192]);
     let sweep_mbt = pick(r, &[32, 64, 256, 1024]);
     // Agg's SLA sweep is the slow one upstream (a prediction per batch size): 1 query in 5.
-    match (kind, r.below(10)) {
+    match (kind, r.random_range(0..10)) {
         (ModelKind::Prefill, 0..=4) => Query::PrefillTtft {
-            q: r.below(20 * mbt.max(1) as u64) as i64 - 100,
+            q: r.random_range(0..20 * mbt.max(1) as u64) as i64 - 100,
             mbt,
             kv: kv_rate(r),
         },
         (ModelKind::Prefill, _) => Query::PrefillRps {
             sla: unit(r) * 500.0,
-            isl: if r.below(10) == 0 {
+            isl: if r.random_range(0..10) == 0 {
                 -unit(r) * 10.0
             } else {
                 unit(r) * 20_000.0
@@ -221,33 +222,33 @@ fn gen_query(r: &mut Rng, kind: ModelKind) -> Query {
             mbt: maybe(r, 30, |r| pick(r, &[0, 64, 512, 2048, 8192])),
         },
         (ModelKind::Decode, 0..=4) | (ModelKind::Agg, 0..=3) => Query::Itl {
-            s: r.below(2_000_000) as i64,
-            q: r.below(100_000) as i64,
+            s: r.random_range(0..2_000_000) as i64,
+            q: r.random_range(0..100_000) as i64,
         },
         (ModelKind::Decode, _) => Query::DecodeRps {
-            itl: if r.below(20) == 0 {
+            itl: if r.random_range(0..20) == 0 {
                 0.0
             } else {
                 unit(r) * 80.0
             },
-            ctx: if r.below(20) == 0 {
+            ctx: if r.random_range(0..20) == 0 {
                 0.0
             } else {
                 1.0 + unit(r) * 8000.0
             },
             osl: 1.0 + unit(r) * 2000.0,
-            max_kv: maybe(r, 40, |r| r.below(3_000_000) as i64),
-            max_seqs: maybe(r, 50, |r| r.below(600) as i64),
+            max_kv: maybe(r, 40, |r| r.random_range(0..3_000_000) as i64),
+            max_seqs: maybe(r, 50, |r| r.random_range(0..600) as i64),
             acc: pick(r, &[1.0, 1.0, 0.5, 1.7, 3.0]),
         },
         (ModelKind::Agg, 4..=7) => Query::AggTtft {
-            q: r.below(20 * mbt.max(1) as u64) as i64 - 100,
+            q: r.random_range(0..20 * mbt.max(1) as u64) as i64 - 100,
             mbt,
-            cur_kv: r.below(2_000_000) as i64,
+            cur_kv: r.random_range(0..2_000_000) as i64,
             kv: kv_rate(r),
         },
         (ModelKind::Agg, _) => Query::AggRps {
-            isl: if r.below(20) == 0 {
+            isl: if r.random_range(0..20) == 0 {
                 0.0
             } else {
                 1.0 + unit(r) * 8000.0
@@ -256,8 +257,8 @@ fn gen_query(r: &mut Rng, kind: ModelKind) -> Query {
             mbt: sweep_mbt,
             ttft: unit(r) * 2000.0,
             itl: unit(r) * 100.0,
-            max_kv: maybe(r, 40, |r| r.below(3_000_000) as i64),
-            max_seqs: maybe(r, 50, |r| r.below(600) as i64),
+            max_kv: maybe(r, 40, |r| r.random_range(0..3_000_000) as i64),
+            max_seqs: maybe(r, 50, |r| r.random_range(0..600) as i64),
             kv: kv_rate(r),
             acc: pick(r, &[1.0, 1.0, 0.5, 1.7, 3.0]),
         },
@@ -267,7 +268,7 @@ fn gen_query(r: &mut Rng, kind: ModelKind) -> Query {
 /// One random case: bucket geometry, a regime whose feature ranges grow in stages (bound
 /// changes), discrete feature sets (ties), heartbeats, negative slopes (rejections),
 /// collinear decode batches, rare NaN/inf wall times, short and long runs.
-fn gen_case(r: &mut Rng, kind: ModelKind, name: String) -> Case {
+fn gen_case(r: &mut VectorRng, kind: ModelKind, name: String) -> Case {
     let config = ModelConfig {
         max_samples: pick(r, &[1, 2, 3, 4, 5, 8, 12, 16, 32, 64, 64, 64]),
         bucket_size: match kind {
@@ -276,16 +277,16 @@ fn gen_case(r: &mut Rng, kind: ModelKind, name: String) -> Case {
         },
         min_observations: pick(r, &[0, 1, 2, 3, 5, 5, 5]),
     };
-    let len = if r.below(8) == 0 {
-        100 + r.below(300)
+    let len = if r.random_range(0..8) == 0 {
+        100 + r.random_range(0..300)
     } else {
-        1 + r.below(40)
+        1 + r.random_range(0..40)
     };
-    let discrete = r.below(4) == 0;
-    let collinear = r.below(8) == 0;
+    let discrete = r.random_range(0..4) == 0;
+    let collinear = r.random_range(0..8) == 0;
     let base = 0.001 + unit(r) * 0.01;
-    let slope = |r: &mut Rng, scale: f64| {
-        if r.below(12) == 0 {
+    let slope = |r: &mut VectorRng, scale: f64| {
+        if r.random_range(0..12) == 0 {
             -unit(r) * scale
         } else {
             unit(r) * scale
@@ -297,39 +298,48 @@ fn gen_case(r: &mut Rng, kind: ModelKind, name: String) -> Case {
         ModelKind::Agg => (slope(r, 2e-5), slope(r, 2e-7)),
     };
     let noise = pick(r, &[0.0, 1e-4, 1e-3, 5e-3]);
-    let avg_len = 50 + r.below(4000) as i64;
+    let avg_len = 50 + r.random_range(0..4000) as i64;
     let mut stage = 1u32;
     let p_check = 3.0 / len as f64;
     let mut events = Vec::new();
     for _ in 0..len {
-        if r.below(20) == 0 {
+        if r.random_range(0..20) == 0 {
             stage = (stage + 1).min(10);
         }
         let scale = 1u64 << (4 + stage);
-        let prefill_tokens = |r: &mut Rng| -> i64 {
+        let prefill_tokens = |r: &mut VectorRng| -> i64 {
             if discrete {
                 pick(r, &[0, 128, 256, 512, 1024])
             } else {
-                r.below(scale) as i64
+                r.random_range(0..scale) as i64
             }
         };
-        let decode = |r: &mut Rng| -> (i64, i64) {
+        let decode = |r: &mut VectorRng| -> (i64, i64) {
             let n = if discrete {
                 pick(r, &[0, 1, 8, 32])
             } else {
-                r.below(1 + scale.min(256)) as i64
+                r.random_range(0..1 + scale.min(256)) as i64
             };
             let per = if collinear {
                 avg_len
             } else {
-                avg_len / 2 + r.below(avg_len as u64 + 1) as i64
+                avg_len / 2 + r.random_range(0..avg_len as u64 + 1) as i64
             };
             (n, n * per)
         };
         let (npr, spt, ndr, kv) = match kind {
             ModelKind::Prefill => {
                 let spt = prefill_tokens(r);
-                (if spt == 0 { 0 } else { 1 + r.below(4) as i64 }, spt, 0, 0)
+                (
+                    if spt == 0 {
+                        0
+                    } else {
+                        1 + r.random_range(0..4) as i64
+                    },
+                    spt,
+                    0,
+                    0,
+                )
             }
             ModelKind::Decode => {
                 let (n, kv) = decode(r);
@@ -338,7 +348,12 @@ fn gen_case(r: &mut Rng, kind: ModelKind, name: String) -> Case {
             ModelKind::Agg => {
                 let spt = prefill_tokens(r);
                 let (n, kv) = decode(r);
-                (i64::from(spt > 0) * (1 + r.below(3) as i64), spt, n, kv)
+                (
+                    i64::from(spt > 0) * (1 + r.random_range(0..3) as i64),
+                    spt,
+                    n,
+                    kv,
+                )
             }
         };
         let (x0, x1) = match kind {
@@ -346,7 +361,7 @@ fn gen_case(r: &mut Rng, kind: ModelKind, name: String) -> Case {
             ModelKind::Decode => (ndr as f64, kv as f64),
             ModelKind::Agg => (spt as f64, kv as f64),
         };
-        let wall_time = match r.below(1000) {
+        let wall_time = match r.random_range(0..1000) {
             0..=99 => 0.0, // heartbeat (its fields still feed the moving averages)
             100..=104 => f64::NAN,
             105..=106 => f64::INFINITY,
@@ -653,7 +668,7 @@ fn compare_case(case: &Case, result: &Value, worst: &mut Worst) -> Result<(), St
 fn parity(kind: ModelKind, count: usize) {
     let Some(py) = python() else { return };
     let seed = super::live::seed();
-    let mut r = Rng::new(seed ^ kind as u64);
+    let mut r = seeded_rng(seed ^ kind as u64);
     let cases: Vec<Case> = (0..count)
         .map(|i| gen_case(&mut r, kind, format!("{kind}-{seed}-{i}")))
         .collect();
