@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::buffer::{Buffer, Item};
-use crate::metrics::{DropReason, InputSeries, InvalidReason, Metrics};
+use crate::metrics::{InputSeries, InvalidReason, Metrics, RelayDropReason};
 use crate::zmtp::{self, ProtocolError, Unit};
 
 /// At most one warning per reason per this long.
@@ -490,7 +490,7 @@ impl Input<'_> {
         }
         let payload = copy_into(&mut self.arena, frames[2]);
         if cx.buffer.push(Item { payload, received }).is_err() {
-            cx.metrics.drop_msgs(DropReason::BufferFull, 1);
+            cx.metrics.drop_msgs(RelayDropReason::BufferFull, 1);
         }
     }
 

@@ -58,5 +58,5 @@ pub use config::{
 };
 pub use error::Error;
 pub use fpm_schema::Scope;
-pub use metrics::{DropReason, InvalidReason, ReasonCounts, Stats};
+pub use metrics::{InvalidReason, ReasonCounts, RelayDropReason, Stats};
 pub use relay::Relay;

@@ -21,7 +21,7 @@ type Labels = [(&'static str, &'static str); 1];
 /// Why a message was not forwarded although it was valid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
-pub enum DropReason {
+pub enum RelayDropReason {
     /// The buffer was at its message or byte limit.
     BufferFull,
     /// Still buffered when the shutdown timeout expired.
@@ -32,22 +32,22 @@ pub enum DropReason {
     PublishTimeout,
 }
 
-impl DropReason {
+impl RelayDropReason {
     /// All reasons, in label order.
-    pub const ALL: [DropReason; 4] = [
-        DropReason::BufferFull,
-        DropReason::Shutdown,
-        DropReason::PublishError,
-        DropReason::PublishTimeout,
+    pub const ALL: [RelayDropReason; 4] = [
+        RelayDropReason::BufferFull,
+        RelayDropReason::Shutdown,
+        RelayDropReason::PublishError,
+        RelayDropReason::PublishTimeout,
     ];
 
     /// The `reason` label.
     pub fn as_str(self) -> &'static str {
         match self {
-            DropReason::BufferFull => "buffer_full",
-            DropReason::Shutdown => "shutdown",
-            DropReason::PublishError => "publish_error",
-            DropReason::PublishTimeout => "publish_timeout",
+            RelayDropReason::BufferFull => "buffer_full",
+            RelayDropReason::Shutdown => "shutdown",
+            RelayDropReason::PublishError => "publish_error",
+            RelayDropReason::PublishTimeout => "publish_timeout",
         }
     }
 }
@@ -117,7 +117,7 @@ pub struct Stats {
     pub received: u64,
     /// Messages handed to NATS.
     pub published: u64,
-    /// Valid messages not forwarded, by reason (`DropReason::ALL` order).
+    /// Valid messages not forwarded, by reason (`RelayDropReason::ALL` order).
     pub dropped: ReasonCounts<4>,
     /// Rejected messages, by reason (`InvalidReason::ALL` order).
     pub invalid: ReasonCounts<8>,
@@ -145,17 +145,17 @@ pub struct Stats {
 }
 
 impl Stats {
-    /// Dropped messages for one reason.
-    pub fn dropped(&self, reason: DropReason) -> u64 {
-        let i = DropReason::ALL
+    /// Dropped messages for one reason (the field `dropped` holds them all).
+    pub fn dropped_for(&self, reason: RelayDropReason) -> u64 {
+        let i = RelayDropReason::ALL
             .iter()
             .position(|r| *r == reason)
             .unwrap_or(0);
         self.dropped.0[i]
     }
 
-    /// Invalid messages for one reason.
-    pub fn invalid(&self, reason: InvalidReason) -> u64 {
+    /// Invalid messages for one reason (the field `invalid` holds them all).
+    pub fn invalid_for(&self, reason: InvalidReason) -> u64 {
         let i = InvalidReason::ALL
             .iter()
             .position(|r| *r == reason)
@@ -483,7 +483,7 @@ impl Metrics {
         );
         let dropped_f = Family::<Labels, Counter>::default();
         let dropped =
-            DropReason::ALL.map(|r| dropped_f.get_or_create_owned(&[("reason", r.as_str())]));
+            RelayDropReason::ALL.map(|r| dropped_f.get_or_create_owned(&[("reason", r.as_str())]));
         registry.register(
             "fpm_relay_dropped_messages",
             "Valid messages not forwarded: buffer_full (NATS away too long), shutdown (unflushed at exit), publish_error, publish_timeout",
@@ -583,8 +583,8 @@ impl Metrics {
         }
     }
 
-    pub fn drop_msgs(&self, reason: DropReason, n: u64) {
-        let i = DropReason::ALL
+    pub fn drop_msgs(&self, reason: RelayDropReason, n: u64) {
+        let i = RelayDropReason::ALL
             .iter()
             .position(|r| *r == reason)
             .unwrap_or(0);

@@ -17,7 +17,7 @@ use crate::buffer::Buffer;
 use crate::config::RelayConfig;
 use crate::ingest::ReaderState;
 use crate::metrics::{Metrics, Stats};
-use crate::publish::{Conn, Publisher, Sink};
+use crate::publish::{Conn, Forwarder, Sink};
 use crate::{discovery, http, ingest, Error};
 
 /// 64 random bits from `rand`'s thread-local generator (seeded from the operating system).
@@ -97,6 +97,26 @@ struct DataPath {
 }
 
 impl DataPath {
+    /// Starts the thread and waits until it is connected (or failed to); returns what
+    /// completes when it is done.
+    async fn start(self) -> Result<oneshot::Receiver<()>, Error> {
+        let (ready_tx, ready_rx) = oneshot::channel::<Result<(), Error>>();
+        let (done_tx, done_rx) = oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("fpm-relay-data".into())
+            .spawn(move || self.run(ready_tx, done_tx))
+            .map_err(|source| Error::Internal {
+                what: "cannot start the relay's data thread",
+                source,
+            })?;
+        ready_rx.await.unwrap_or_else(|_| {
+            Err(Error::ReaderDied(
+                "the relay's data thread died while starting".into(),
+            ))
+        })?;
+        Ok(done_rx)
+    }
+
     /// The thread body: reports start-up on `ready`, runs until shutdown, drains, then
     /// signals `done`.
     fn run(self, ready: oneshot::Sender<Result<(), Error>>, done: oneshot::Sender<()>) {
@@ -142,8 +162,8 @@ impl DataPath {
         let _ = ready.send(Ok(()));
         let cx = self.cx;
         let shutdown = cx.cancel.clone();
-        let publisher = Publisher {
-            client,
+        let publisher = Forwarder {
+            sink: client,
             subject: self.subject,
             publisher_id: self.publisher_id,
             buffer: cx.buffer.clone(),
@@ -204,6 +224,140 @@ impl DataPath {
     }
 }
 
+/// The checks that need no network: limits, names, endpoints. Returns the subject.
+async fn check_config(config: &RelayConfig) -> Result<FpmSubject, Error> {
+    if config.zmq_endpoints.is_empty() {
+        return Err(Error::NoEndpoints);
+    }
+    if config.buffer.max_messages == 0 || config.buffer.max_bytes == 0 {
+        return Err(Error::Config("the buffer limits must be above 0".into()));
+    }
+    if config.http_max_connections == 0 {
+        return Err(Error::Config(
+            "the HTTP connection cap must be above 0".into(),
+        ));
+    }
+    let subject = FpmSubject::new(
+        config.scope,
+        &config.namespace,
+        &config.component,
+        &config.endpoint,
+    )?;
+    let eps = config.zmq_endpoints.clone();
+    tokio::task::spawn_blocking(move || ingest::check_endpoints(&eps))
+        .await
+        .map_err(|e| Error::Internal {
+            what: "the endpoint check failed",
+            source: std::io::Error::other(e),
+        })??;
+    Ok(subject)
+}
+
+/// Checks the NATS settings (or takes the in-process plane) and builds what the data thread
+/// connects with; connection events update `conn` and the metrics.
+async fn prepare_sink(
+    config: &RelayConfig,
+    metrics: &Arc<Metrics>,
+    conn: &Arc<Conn>,
+) -> Result<SinkSpec, Error> {
+    Ok(match &config.plane {
+        crate::EventPlane::Nats => {
+            let (servers, options) = crate::nats::prepare(&config.nats).await?;
+            let (m, c) = (metrics.clone(), conn.clone());
+            let options = options.event_callback(move |event| {
+                c.on_event(&m, &event);
+                async {}
+            });
+            SinkSpec::Nats(servers, Box::new(options))
+        }
+        crate::EventPlane::Memory(tx) => SinkSpec::Memory(tx.clone()),
+    })
+}
+
+/// Binds the `/metrics` listener, when there is one.
+async fn bind_metrics(addr: Option<SocketAddr>) -> Result<Option<tokio::net::TcpListener>, Error> {
+    match addr {
+        Some(addr) => Ok(Some(tokio::net::TcpListener::bind(addr).await.map_err(
+            |error| Error::MetricsBind {
+                addr: addr.to_string(),
+                error,
+            },
+        )?)),
+        None => Ok(None),
+    }
+}
+
+/// Writes Dynamo's discovery record, when a directory is configured (endpoint scope only).
+async fn write_discovery_record(
+    config: &RelayConfig,
+    subject: &FpmSubject,
+    publisher_id: u64,
+) -> Result<Option<(PathBuf, String)>, Error> {
+    let Some(dir) = &config.discovery_dir else {
+        return Ok(None);
+    };
+    let Some((path, json)) = discovery::record(dir, subject, publisher_id) else {
+        warn!("component scope: no discovery record is written (Dynamo 1.6.1 records are endpoint-scoped)");
+        return Ok(None);
+    };
+    let (p, j) = (path.clone(), json.clone());
+    blocking(move || discovery::write_atomic(&p, &j))
+        .await
+        .map_err(|error| Error::Discovery {
+            dir: dir.clone(),
+            error,
+        })?;
+    Ok(Some((path, json)))
+}
+
+/// Refreshes the discovery record's mtime every `every` until `cancel` fires.
+async fn keep_fresh((path, json): (PathBuf, String), every: Duration, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(every.max(Duration::from_millis(10)));
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {
+                let (p, j) = (path.clone(), json.clone());
+                if let Err(e) = blocking(move || discovery::refresh(&p, &j)).await {
+                    warn!(path = %path.display(), error = %e, "cannot refresh the discovery record");
+                }
+            }
+        }
+    }
+}
+
+/// After the data thread is done: stops the refresh, removes the record, stops serving HTTP,
+/// logs the final counts.
+async fn finish(
+    done: oneshot::Receiver<()>,
+    refresh: Option<JoinHandle<()>>,
+    record: Option<PathBuf>,
+    http_cancel: CancellationToken,
+    metrics: Arc<Metrics>,
+) {
+    let _ = done.await;
+    if let Some(r) = refresh {
+        let _ = r.await;
+    }
+    if let Some(p) = record {
+        let shown = p.display().to_string();
+        if let Err(e) = blocking(move || std::fs::remove_file(p)).await {
+            warn!(path = %shown, error = %e, "cannot remove the discovery record");
+        }
+    }
+    http_cancel.cancel();
+    let s = metrics.stats();
+    info!(
+        received = s.received,
+        published = s.published,
+        dropped = s.dropped.total(),
+        invalid = s.invalid.total(),
+        "relay stopped"
+    );
+}
+
 impl Relay {
     /// Connects to the engines and to NATS and starts relaying, until `shutdown` is cancelled
     /// or a stage dies (see [`Relay::stopped`]).
@@ -218,93 +372,25 @@ impl Relay {
     /// resolve, unusable credentials, a metrics address that cannot be bound, or a discovery
     /// directory that cannot be written.
     pub async fn start(config: RelayConfig, shutdown: CancellationToken) -> Result<Relay, Error> {
-        if config.zmq_endpoints.is_empty() {
-            return Err(Error::NoEndpoints);
-        }
-        if config.buffer.max_messages == 0 || config.buffer.max_bytes == 0 {
-            return Err(Error::Config("the buffer limits must be above 0".into()));
-        }
-        if config.http_max_connections == 0 {
-            return Err(Error::Config(
-                "the HTTP connection cap must be above 0".into(),
-            ));
-        }
-        let subject = FpmSubject::new(
-            config.scope,
-            &config.namespace,
-            &config.component,
-            &config.endpoint,
-        )?;
-        let eps = config.zmq_endpoints.clone();
-        tokio::task::spawn_blocking(move || ingest::check_endpoints(&eps))
-            .await
-            .map_err(|e| Error::Internal {
-                what: "the endpoint check failed",
-                source: std::io::Error::other(e),
-            })??;
+        let subject = check_config(&config).await?;
         let metrics = Arc::new(Metrics::with_inputs(
             &config.zmq_endpoints,
             config.max_label_sets,
         ));
         let conn = Arc::new(Conn::default());
-        let nats = match &config.plane {
-            crate::EventPlane::Nats => {
-                let (servers, options) = crate::nats::prepare(&config.nats).await?;
-                let (m, c) = (metrics.clone(), conn.clone());
-                let options = options.event_callback(move |event| {
-                    c.on_event(&m, &event);
-                    async {}
-                });
-                Some((servers, options))
-            }
-            crate::EventPlane::Memory(_) => None,
-        };
-
-        let listener = match config.metrics_addr {
-            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|error| {
-                Error::MetricsBind {
-                    addr: addr.to_string(),
-                    error,
-                }
-            })?),
-            None => None,
-        };
+        let sink = prepare_sink(&config, &metrics, &conn).await?;
+        let listener = bind_metrics(config.metrics_addr).await?;
         let metrics_addr = listener.as_ref().and_then(|l| l.local_addr().ok());
-
         let publisher_id = config.publisher_id.unwrap_or_else(random_publisher_id);
-        let record = match &config.discovery_dir {
-            Some(dir) => match discovery::record(dir, &subject, publisher_id) {
-                Some((path, json)) => {
-                    let (p, j) = (path.clone(), json.clone());
-                    blocking(move || discovery::write_atomic(&p, &j))
-                        .await
-                        .map_err(|error| Error::Discovery {
-                            dir: dir.clone(),
-                            error,
-                        })?;
-                    Some((path, json))
-                }
-                None => {
-                    warn!("component scope: no discovery record is written (Dynamo 1.6.1 records are endpoint-scoped)");
-                    None
-                }
-            },
-            None => None,
-        };
+        let record = write_discovery_record(&config, &subject, publisher_id).await?;
 
-        let sink = match (nats, &config.plane) {
-            (Some((servers, options)), _) => SinkSpec::Nats(servers, Box::new(options)),
-            (None, crate::EventPlane::Memory(tx)) => SinkSpec::Memory(tx.clone()),
-            (None, crate::EventPlane::Nats) => unreachable!("prepared above"),
-        };
         let failed = CancellationToken::new();
-        let buffer = Arc::new(Buffer::new(config.buffer, metrics.clone()));
         let reader = Arc::new(ReaderState::new());
         let subject_str = subject.subject();
         let data = DataPath {
             endpoints: config.zmq_endpoints.clone(),
             cx: Arc::new(ingest::ReaderContext {
-                buffer: buffer.clone(),
+                buffer: Arc::new(Buffer::new(config.buffer, metrics.clone())),
                 metrics: metrics.clone(),
                 decoder: Decoder::new().with_max_size(config.max_payload),
                 cancel: shutdown.clone(),
@@ -321,29 +407,16 @@ impl Relay {
             failed: failed.clone(),
             on_start: config.on_data_thread_start,
         };
-        let (ready_tx, ready_rx) = oneshot::channel::<Result<(), Error>>();
-        let (done_tx, done_rx) = oneshot::channel::<()>();
-        let started = std::thread::Builder::new()
-            .name("fpm-relay-data".into())
-            .spawn(move || data.run(ready_tx, done_tx));
-        let ready = match started {
-            Ok(_) => ready_rx.await.unwrap_or_else(|_| {
-                Err(Error::ReaderDied(
-                    "the relay's data thread died while starting".into(),
-                ))
-            }),
-            Err(source) => Err(Error::Internal {
-                what: "cannot start the relay's data thread",
-                source,
-            }),
-        };
-        if let Err(e) = ready {
-            if let Some((p, _)) = &record {
-                let p = p.clone();
-                let _ = blocking(move || std::fs::remove_file(p)).await;
+        let done = match data.start().await {
+            Ok(done) => done,
+            Err(e) => {
+                if let Some((p, _)) = &record {
+                    let p = p.clone();
+                    let _ = blocking(move || std::fs::remove_file(p)).await;
+                }
+                return Err(e);
             }
-            return Err(e);
-        }
+        };
 
         let http_cancel = CancellationToken::new();
         if let Some(l) = listener {
@@ -362,27 +435,9 @@ impl Relay {
                 http_cancel.clone(),
             ));
         }
-        let refresh = record.clone().map(|(path, json)| {
-            let cancel = shutdown.clone();
-            let every = config.discovery_refresh.max(Duration::from_millis(10));
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(every);
-                tick.tick().await;
-                loop {
-                    tokio::select! {
-                        biased;
-                        _ = cancel.cancelled() => return,
-                        _ = tick.tick() => {
-                            let (p, j) = (path.clone(), json.clone());
-                            if let Err(e) = blocking(move || discovery::refresh(&p, &j)).await {
-                                warn!(path = %path.display(), error = %e, "cannot refresh the discovery record");
-                            }
-                        }
-                    }
-                }
-            })
-        });
-
+        let refresh = record
+            .clone()
+            .map(|r| tokio::spawn(keep_fresh(r, config.discovery_refresh, shutdown.clone())));
         info!(
             subject = %subject_str,
             publisher_id,
@@ -390,29 +445,13 @@ impl Relay {
             metrics = %metrics_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()),
             "relay started"
         );
-        let record_path = record.as_ref().map(|(p, _)| p.clone());
-        let metrics_end = metrics.clone();
-        let task = tokio::spawn(async move {
-            let _ = done_rx.await;
-            if let Some(r) = refresh {
-                let _ = r.await;
-            }
-            if let Some(p) = record_path {
-                let shown = p.display().to_string();
-                if let Err(e) = blocking(move || std::fs::remove_file(p)).await {
-                    warn!(path = %shown, error = %e, "cannot remove the discovery record");
-                }
-            }
-            http_cancel.cancel();
-            let s = metrics_end.stats();
-            info!(
-                received = s.received,
-                published = s.published,
-                dropped = s.dropped.total(),
-                invalid = s.invalid.total(),
-                "relay stopped"
-            );
-        });
+        let task = tokio::spawn(finish(
+            done,
+            refresh,
+            record.as_ref().map(|(p, _)| p.clone()),
+            http_cancel,
+            metrics.clone(),
+        ));
         Ok(Relay {
             metrics,
             reader,

@@ -6,7 +6,7 @@ mod common;
 mod relay {
     use std::time::Duration;
 
-    use fpm_relay::{DropReason, InvalidReason, Scope};
+    use fpm_relay::{InvalidReason, RelayDropReason, Scope};
     use fpm_testkit::NatsServer;
 
     use crate::common::*;
@@ -199,7 +199,7 @@ mod relay {
         let s = shut_down(relay, &stop).await;
         for reason in InvalidReason::ALL {
             let want = 3 * bad.iter().filter(|(r, _)| *r == reason).count() as u64;
-            assert_eq!(s.invalid(reason), want, "{reason:?}: {s:?}");
+            assert_eq!(s.invalid_for(reason), want, "{reason:?}: {s:?}");
             // /metrics says the same, reason by reason.
             let name = format!(
                 "fpm_relay_invalid_messages_total{{reason=\"{}\"}}",
@@ -239,7 +239,7 @@ mod relay {
         .await;
         let s = relay.stats();
         assert_eq!(s.buffered, 50, "{s:?}");
-        assert_eq!(s.dropped(DropReason::BufferFull), 70, "{s:?}");
+        assert_eq!(s.dropped_for(RelayDropReason::BufferFull), 70, "{s:?}");
         assert_eq!(s.published, pre_published);
         assert_eq!(
             s.received,
@@ -436,7 +436,7 @@ mod relay {
             "{:?}",
             t.elapsed()
         );
-        assert_eq!(s.dropped(DropReason::Shutdown), 10, "{s:?}");
+        assert_eq!(s.dropped_for(RelayDropReason::Shutdown), 10, "{s:?}");
         assert_eq!(s.received, s.published + s.dropped.total());
         assert!(!record.exists(), "record removed on shutdown");
     }
@@ -1138,8 +1138,8 @@ mod trust {
         assert_eq!(got[0].payload, fpm("w", 0, 0));
         assert!(relay.healthy());
         let s = shut_down(relay, &token).await;
-        assert_eq!(s.invalid(InvalidReason::OversizedFrame), 2, "{s:?}");
-        assert_eq!(s.invalid(InvalidReason::Protocol), 1, "{s:?}");
+        assert_eq!(s.invalid_for(InvalidReason::OversizedFrame), 2, "{s:?}");
+        assert_eq!(s.invalid_for(InvalidReason::Protocol), 1, "{s:?}");
         assert_eq!(s.received, s.invalid.total() + s.published, "{s:?}");
     }
 
@@ -1269,7 +1269,7 @@ mod trust {
         );
         let s = shut_down(relay, &token).await;
         assert_eq!(
-            s.invalid(InvalidReason::Undecodable),
+            s.invalid_for(InvalidReason::Undecodable),
             broken.len() as u64,
             "{s:?}"
         );
@@ -1322,7 +1322,7 @@ mod trust {
         assert!(got == good, "the valid ones, unchanged, in order");
         let s = shut_down(relay, &token).await;
         for (_, reason) in &invalid {
-            assert_eq!(s.invalid(*reason), 10, "{reason:?}: {s:?}");
+            assert_eq!(s.invalid_for(*reason), 10, "{reason:?}: {s:?}");
         }
         assert_eq!(s.received, s.invalid.total() + s.published, "{s:?}");
     }
