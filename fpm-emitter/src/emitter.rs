@@ -12,7 +12,7 @@ use tracing::{error, info, warn};
 
 use crate::clock::{ClockKind, CpuClock, IterationClock, Span, StreamHandle, TimingPoll};
 use crate::config::{ClockChoice, EmitterConfig};
-use crate::error::{EmitterError, TimingError};
+use crate::error::{CudaError, EmitterError, TimingError};
 use crate::stats::{Counters, DropReason, EmitterStats, FailureLog};
 use crate::transport::{SendError, Transport, ZmqTransport};
 
@@ -125,7 +125,7 @@ fn make_clock(
         ClockChoice::Auto | ClockChoice::Cuda => match cuda_clock(config) {
             Ok(c) => Ok((c, None)),
             Err(why) if config.clock == ClockChoice::Auto => {
-                Ok((Arc::new(CpuClock::new()), Some(why)))
+                Ok((Arc::new(CpuClock::new()), Some(why.to_string())))
             }
             Err(why) => Err(EmitterError::CudaUnavailable(why)),
         },
@@ -133,14 +133,14 @@ fn make_clock(
 }
 
 #[cfg(feature = "cuda")]
-fn cuda_clock(config: &EmitterConfig) -> Result<Arc<dyn IterationClock>, String> {
+fn cuda_clock(config: &EmitterConfig) -> Result<Arc<dyn IterationClock>, CudaError> {
     crate::cuda::CudaClock::new(config.cuda_device, config.cuda_event_pairs)
         .map(|c| Arc::new(c) as Arc<dyn IterationClock>)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda_clock(_config: &EmitterConfig) -> Result<Arc<dyn IterationClock>, String> {
-    Err("fpm-emitter was built without the `cuda` feature".into())
+fn cuda_clock(_config: &EmitterConfig) -> Result<Arc<dyn IterationClock>, CudaError> {
+    Err(CudaError::NotBuilt)
 }
 
 impl Emitter {

@@ -26,13 +26,49 @@ pub enum EmitterError {
         /// The address.
         endpoint: String,
     },
-    /// CUDA timing was required (`ClockChoice::Cuda`) but is not available.
-    #[error("CUDA timing requested but unavailable: {0}")]
-    CudaUnavailable(String),
+    /// CUDA timing was required (`ClockChoice::Cuda`) but is not available; the reason is
+    /// the source.
+    #[error("CUDA timing requested but unavailable")]
+    CudaUnavailable(#[source] CudaError),
     /// The background publisher thread could not be spawned.
     #[error("cannot spawn the FPM publisher thread")]
     Spawn(#[from] std::io::Error),
 }
+
+/// Why CUDA timing cannot be set up.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum CudaError {
+    /// `libcuda` is not on this machine.
+    #[error("libcuda.so not found (no NVIDIA driver on this machine)")]
+    NoDriver,
+    /// This build has no CUDA support.
+    #[error("fpm-emitter was built without the `cuda` feature")]
+    NotBuilt,
+    /// A driver call failed; the code is the source.
+    #[error("{call} failed")]
+    Call {
+        /// The driver call.
+        call: &'static str,
+        /// Its result code.
+        #[source]
+        code: CudaCode,
+    },
+    /// A device's primary context could not be opened; the code is the source.
+    #[error("cannot open CUDA device {device} (primary context)")]
+    Device {
+        /// The device ordinal.
+        device: i32,
+        /// The driver's result code.
+        #[source]
+        code: CudaCode,
+    },
+}
+
+/// A CUDA driver result code (`CUresult`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[error("CUDA error {0}")]
+pub struct CudaCode(pub i32);
 
 /// Why one iteration could not be timed. Counted, never silent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
@@ -79,6 +115,10 @@ mod tests {
         let io = std::io::Error::from(std::io::ErrorKind::AddrInUse);
         let cause = io.to_string();
         let errors: Vec<EmitterError> = vec![
+            EmitterError::CudaUnavailable(CudaError::Call {
+                call: "cuInit",
+                code: CudaCode(100),
+            }),
             EmitterError::Spawn(io),
             EmitterError::Bind {
                 endpoint: "ipc:///x".into(),
@@ -87,7 +127,11 @@ mod tests {
         ];
         for e in &errors {
             let text = chain(e);
-            for c in [cause.as_str(), &zmq::Error::EADDRINUSE.to_string()] {
+            for c in [
+                cause.as_str(),
+                &zmq::Error::EADDRINUSE.to_string(),
+                "CUDA error 100",
+            ] {
                 assert!(text.matches(c).count() <= 1, "{text}");
             }
         }

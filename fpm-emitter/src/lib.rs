@@ -53,6 +53,6 @@ pub use config::{ClockChoice, EmitterConfig, Endpoint, DEFAULT_TCP_PORT_BASE, PO
 #[cfg(feature = "cuda")]
 pub use cuda::{driver as cuda_driver, ContextSource, CudaClock};
 pub use emitter::{Emitter, EmitterHandle};
-pub use error::{EmitterError, TimingError};
+pub use error::{CudaCode, CudaError, EmitterError, TimingError};
 pub use stats::{DropCounts, DropReason, EmitterStats};
 pub use transport::{MemoryTransport, SendError, SentMessage, Transport, ZmqTransport};

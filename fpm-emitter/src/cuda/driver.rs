@@ -77,13 +77,13 @@ impl DynamicDriver {
     /// Loads `libcuda` if present.
     ///
     /// # Errors
-    /// A message when the library is not on this machine.
-    pub fn load() -> Result<Self, String> {
+    /// [`crate::CudaError::NoDriver`] when the library is not on this machine.
+    pub fn load() -> Result<Self, crate::CudaError> {
         // SAFETY: only tries to dlopen libcuda; without this guard the first driver call panics.
         if unsafe { sys::is_culib_present() } {
             Ok(DynamicDriver(()))
         } else {
-            Err("libcuda.so not found (no NVIDIA driver on this machine)".into())
+            Err(crate::CudaError::NoDriver)
         }
     }
 }

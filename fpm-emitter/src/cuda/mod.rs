@@ -34,7 +34,7 @@ use std::sync::Mutex;
 use tracing::error;
 
 use crate::clock::{ClockKind, IterationClock, Span, StreamHandle, TimingPoll};
-use crate::error::TimingError;
+use crate::error::{CudaCode, CudaError, TimingError};
 use driver::{
     CudaDriver, DynamicDriver, RawContext, RawEvent, CUDA_ERROR_CAPTURED_EVENT,
     CUDA_ERROR_NOT_READY,
@@ -93,8 +93,9 @@ impl CudaClock<DynamicDriver> {
     /// context if none is current; with `Some(n)`, device `n`'s primary context.
     ///
     /// # Errors
-    /// A message saying why CUDA is unavailable (no `libcuda`, no device, a failed call).
-    pub fn new(device: Option<u32>, pool_size: usize) -> Result<Self, String> {
+    /// A [`CudaError`] saying why CUDA is unavailable (no `libcuda`, no device, a failed
+    /// call).
+    pub fn new(device: Option<u32>, pool_size: usize) -> Result<Self, CudaError> {
         Self::with_driver(DynamicDriver::load()?, device, pool_size)
     }
 }
@@ -103,24 +104,35 @@ impl<D: CudaDriver> CudaClock<D> {
     /// As [`CudaClock::new`] with a given driver.
     ///
     /// # Errors
-    /// A message naming the driver call that failed.
-    pub fn with_driver(driver: D, device: Option<u32>, pool_size: usize) -> Result<Self, String> {
-        driver
-            .init()
-            .map_err(|e| format!("cuInit failed: CUDA error {e}"))?;
-        let current = driver
-            .current_context()
-            .map_err(|e| format!("cuCtxGetCurrent failed: CUDA error {e}"))?;
+    /// A [`CudaError`] naming the driver call that failed.
+    pub fn with_driver(
+        driver: D,
+        device: Option<u32>,
+        pool_size: usize,
+    ) -> Result<Self, CudaError> {
+        driver.init().map_err(|e| CudaError::Call {
+            call: "cuInit",
+            code: CudaCode(e),
+        })?;
+        let current = driver.current_context().map_err(|e| CudaError::Call {
+            call: "cuCtxGetCurrent",
+            code: CudaCode(e),
+        })?;
         let (ctx, retained_primary, device, source) = match (device, current) {
             (None, Some(cur)) => {
-                let dev = driver
-                    .current_device()
-                    .map_err(|e| format!("cuCtxGetDevice failed: CUDA error {e}"))?;
+                let dev = driver.current_device().map_err(|e| CudaError::Call {
+                    call: "cuCtxGetDevice",
+                    code: CudaCode(e),
+                })?;
                 // Hold a reference when it is the device's primary context (PyTorch's), so it
                 // outlives us; another context is the engine's to keep alive.
-                let primary = driver.primary_context_retain(dev).map_err(|e| {
-                    format!("cannot retain device {dev}'s primary context: CUDA error {e}")
-                })?;
+                let primary =
+                    driver
+                        .primary_context_retain(dev)
+                        .map_err(|e| CudaError::Device {
+                            device: dev,
+                            code: CudaCode(e),
+                        })?;
                 if primary == cur {
                     (cur, Some(dev), dev, ContextSource::Current)
                 } else {
@@ -130,9 +142,12 @@ impl<D: CudaDriver> CudaClock<D> {
             }
             (Some(_), _) | (None, None) => {
                 let n = device.map_or(0, |d| d as i32);
-                let ctx = driver.primary_context_retain(n).map_err(|e| {
-                    format!("cannot open CUDA device {n} (primary context): CUDA error {e}")
-                })?;
+                let ctx = driver
+                    .primary_context_retain(n)
+                    .map_err(|e| CudaError::Device {
+                        device: n,
+                        code: CudaCode(e),
+                    })?;
                 let source = if device.is_some() {
                     ContextSource::Configured
                 } else {
@@ -161,7 +176,10 @@ impl<D: CudaDriver> CudaClock<D> {
         clock
             .driver
             .push_context(ctx)
-            .map_err(|e| format!("cuCtxPushCurrent failed: CUDA error {e}"))?;
+            .map_err(|e| CudaError::Call {
+                call: "cuCtxPushCurrent",
+                code: CudaCode(e),
+            })?;
         let mut failure = None;
         for _ in 0..pool_size {
             let pair =
@@ -185,7 +203,10 @@ impl<D: CudaDriver> CudaClock<D> {
         }
         let _ = clock.driver.pop_context();
         if let Some(e) = failure {
-            return Err(format!("cuEventCreate failed: CUDA error {e}"));
+            return Err(CudaError::Call {
+                call: "cuEventCreate",
+                code: CudaCode(e),
+            });
         }
         if let Ok(mut pool) = clock.pool.lock() {
             pool.free.extend((0..pool_size as u32).rev());
