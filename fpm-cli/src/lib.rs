@@ -56,13 +56,82 @@ pub enum Command {
 /// # Errors
 /// clap's error (help and version requests included); see [`argument_error`].
 pub fn parse() -> Result<Cli, clap::Error> {
-    let matches = Cli::command().try_get_matches()?;
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let matches = Cli::command()
+        .try_get_matches_from(&argv)
+        .map_err(|e| name_env_source(e, &argv))?;
     let mut cli = Cli::from_arg_matches(&matches)?;
     if let (Command::Relay(args), Some(m)) = (&mut cli.command, matches.subcommand_matches("relay"))
     {
         args.note_sources(m);
     }
     Ok(cli)
+}
+
+/// A value clap rejected that came from an environment variable, not from the command line:
+/// says which variable, since clap names only the flag (`--rps`), which the user never typed.
+/// Other errors are returned unchanged.
+fn name_env_source(e: clap::Error, argv: &[std::ffi::OsString]) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if !matches!(
+        e.kind(),
+        ErrorKind::InvalidValue | ErrorKind::ValueValidation
+    ) {
+        return e;
+    }
+    let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) else {
+        return e;
+    };
+    // "--rps <RPS>" -> "rps"
+    let Some(long) = arg
+        .split(|c: char| c.is_whitespace() || c == '=')
+        .next()
+        .and_then(|f| f.strip_prefix("--"))
+    else {
+        return e;
+    };
+    let args: Vec<String> = argv
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let flag = format!("--{long}");
+    if args
+        .iter()
+        .any(|a| *a == flag || a.starts_with(&format!("{flag}=")))
+    {
+        return e;
+    }
+    let cmd = Cli::command();
+    let sub = args
+        .iter()
+        .skip(1)
+        .find_map(|a| cmd.get_subcommands().find(|c| c.get_name() == a));
+    let Some(env) = sub
+        .into_iter()
+        .flat_map(|c| c.get_arguments())
+        .chain(cmd.get_arguments())
+        .find(|a| a.get_long() == Some(long))
+        .and_then(|a| a.get_env())
+    else {
+        return e;
+    };
+    let Some(value) = std::env::var_os(env) else {
+        return e;
+    };
+    let text = e.render().to_string();
+    let first = text
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("invalid value");
+    let first = first.trim().strip_prefix("error: ").unwrap_or(first.trim());
+    clap::Error::raw(
+        e.kind(),
+        format!(
+            "environment variable {}={:?} (for {flag}): {first}\n",
+            env.to_string_lossy(),
+            value.to_string_lossy()
+        ),
+    )
 }
 
 /// Sets up logging to standard error: `info` by default, moved by `-v`/`-q`, overridden by

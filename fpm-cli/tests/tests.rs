@@ -460,6 +460,80 @@ mod sim {
         assert_eq!(err.lines().count(), 1, "{err}");
         assert!(err.contains("--endpoint"), "{err}");
     }
+    /// The new environment fallbacks are read (FPM_SIM_DURATION, FPM_SIM_RATE), and a flag
+    /// wins over its variable (a bad FPM_SIM_RPS is never used when --rps is given).
+    #[test]
+    fn sim_flags_fall_back_to_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let endpoint = format!("ipc://{}", dir.path().join("sim").display());
+        let t = std::time::Instant::now();
+        let out = Command::new(env!("CARGO_BIN_EXE_fpm"))
+            .args(["-q", "sim", "--endpoint", &endpoint, "--rps", "50"])
+            .env("FPM_SIM_DURATION", "500ms")
+            .env("FPM_SIM_RATE", "20")
+            .env("FPM_SIM_RPS", "-5")
+            .output()
+            .unwrap();
+        let elapsed = t.elapsed();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        // The default duration is 30 s.
+        assert!(elapsed < std::time::Duration::from_secs(10), "{elapsed:?}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        let row = text.lines().nth(1).unwrap_or_else(|| panic!("{text}"));
+        let cols: Vec<u64> = row
+            .split_whitespace()
+            .skip(2)
+            .take(2)
+            .map(|c| c.parse().unwrap())
+            .collect();
+        // Fixed rate: 20/s for 0.5 s, and no requests (the model at 50 rps would see ~25
+        // arrivals and run an iteration every few milliseconds).
+        assert!((5..=15).contains(&cols[0]), "{text}");
+        assert_eq!(cols[1], 0, "{text}");
+    }
+
+    /// SIGTERM stops the ranks early; the table is still printed and the exit is 0.
+    #[test]
+    fn sim_stops_on_sigterm_with_its_report() {
+        use std::time::{Duration, Instant};
+        let dir = tempfile::tempdir().unwrap();
+        let endpoint = format!("ipc://{}", dir.path().join("sim").display());
+        let child = Command::new(env!("CARGO_BIN_EXE_fpm"))
+            .args(["-q", "sim", "--endpoint", &endpoint, "--duration", "60s"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut child = super::procs::Kill(child);
+        let sock = dir.path().join("sim.0");
+        let t = Instant::now();
+        while !sock.exists() && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(sock.exists(), "fpm sim did not bind {}", sock.display());
+        super::procs::sigterm(&child.0);
+        let t = Instant::now();
+        while child.0.try_wait().unwrap().is_none() && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let status = child
+            .0
+            .try_wait()
+            .unwrap()
+            .expect("fpm sim did not exit after SIGTERM");
+        let mut text = String::new();
+        std::io::Read::read_to_string(child.0.stdout.as_mut().unwrap(), &mut text).unwrap();
+        assert!(status.success(), "{status:?}");
+        assert_eq!(text.lines().count(), 2, "{text}");
+        assert!(
+            text.lines()
+                .nth(1)
+                .unwrap()
+                .contains(&format!("{endpoint}.0")),
+            "{text}"
+        );
+    }
 }
 
 mod relay {
@@ -593,6 +667,40 @@ mod cli_rules {
         );
         one_line_exit_1(&["sim", "--no-such-flag"], "--no-such-flag");
         one_line_exit_1(&["nonsense"], "nonsense");
+    }
+
+    /// A bad value from an environment fallback: one line, exit 1, naming the variable (clap
+    /// alone names only the flag, which the user never typed).
+    #[test]
+    fn bad_environment_values_name_the_variable() {
+        for (args, var, value) in [
+            (&["sim", "--duration", "1s"][..], "FPM_SIM_RPS", "-5"),
+            (&["sim"][..], "FPM_SIM_DURATION", "soon"),
+            (&["relay"][..], "FPM_DP_SIZE", "abc"),
+            (&["relay"][..], "FPM_SCOPE", "galaxy"),
+            (&["relay"][..], "FPM_DP_RANKS", "0,x"),
+            (&["relay"][..], "FPM_RELAY_PUBLISH_TIMEOUT", "-1s"),
+            (&["relay"][..], "FPM_NATS_TLS", "maybe"),
+        ] {
+            let out = Command::new(env!("CARGO_BIN_EXE_fpm"))
+                .args(args)
+                .env(var, value)
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{var}: {err}");
+            assert_eq!(err.lines().count(), 1, "{var}: {err}");
+            assert!(err.starts_with("fpm: error: "), "{var}: {err}");
+            assert!(err.contains(var), "{var}: {err}");
+        }
+        // From the command line, the flag is named and the variable is not.
+        one_line_exit_1(&["sim", "--rps", "-5"], "--rps");
+        let out = Command::new(env!("CARGO_BIN_EXE_fpm"))
+            .args(["sim", "--rps", "-5"])
+            .env("FPM_SIM_RPS", "7")
+            .output()
+            .unwrap();
+        assert!(!String::from_utf8_lossy(&out.stderr).contains("FPM_SIM_RPS"));
     }
 
     #[test]

@@ -18,28 +18,36 @@ pub mod watch;
 
 pub use nats_args::NatsArgs;
 
-/// Parses `30s`, `2m`, `500ms`, `1h` or plain seconds (for `--duration`-style flags).
+/// Parses a duration flag: what `humantime` accepts (`30s`, `2m`, `500ms`, `1h`, `1h 30m`,
+/// `2min`), plus two forms users pass today that `humantime` rejects, kept by this thin
+/// wrapper: bare seconds (`5`, `0.25`) and a decimal number with one unit (`1.5s`, `0.5m`).
+///
+/// # Errors
+/// One line saying what was wrong and giving examples.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
+    let bad = |why: &dyn std::fmt::Display| {
+        format!("{s:?} is not a duration ({why}): use e.g. 30s, 2m, 500ms, 1.5s")
     };
-    let v: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration: use e.g. 30s, 2m, 500ms"))?;
-    let secs = match unit {
-        "ms" => v / 1000.0,
-        "s" => v,
-        "m" => v * 60.0,
-        "h" => v * 3600.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
-    };
-    if !(secs.is_finite() && secs >= 0.0) {
-        return Err(format!("{s:?} is not a duration: it must be non-negative"));
+    // "5", "0.25": seconds.
+    if let Ok(secs) = s.parse::<f64>() {
+        return Duration::try_from_secs_f64(secs)
+            .map_err(|_| bad(&"it must be a finite, non-negative number of seconds"));
     }
-    Ok(Duration::from_secs_f64(secs))
+    // "1.5s", "0.5m": a decimal number times one unit (humantime reads whole numbers only).
+    if let Some(i) = s.find(|c: char| c.is_ascii_alphabetic()) {
+        let (num, unit) = s.split_at(i);
+        if num.contains('.') {
+            let v: f64 = num
+                .trim()
+                .parse()
+                .map_err(|_| bad(&format!("{num:?} is not a number")))?;
+            let unit = humantime::parse_duration(&format!("1{unit}")).map_err(|e| bad(&e))?;
+            return Duration::try_from_secs_f64(v * unit.as_secs_f64())
+                .map_err(|_| bad(&"it must be finite and non-negative"));
+        }
+    }
+    humantime::parse_duration(s).map_err(|e| bad(&e))
 }
 
 /// Installs the SIGINT (Ctrl-C) and SIGTERM handlers now and returns a future that completes
@@ -75,13 +83,44 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(parse_duration("5").unwrap(), Duration::from_secs(5));
-        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
-        assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("5 parsecs").is_err());
-        assert!(parse_duration("-1s").is_err());
+        let ok = |s: &str| parse_duration(s).unwrap_or_else(|e| panic!("{s}: {e}"));
+        // What users pass today.
+        assert_eq!(ok("5"), Duration::from_secs(5));
+        assert_eq!(ok("30s"), Duration::from_secs(30));
+        assert_eq!(ok("2m"), Duration::from_secs(120));
+        assert_eq!(ok("500ms"), Duration::from_millis(500));
+        assert_eq!(ok("1.5s"), Duration::from_millis(1500));
+        assert_eq!(ok("1h"), Duration::from_secs(3600));
+        // The wrapper's forms beyond humantime's.
+        assert_eq!(ok("0.25"), Duration::from_millis(250));
+        assert_eq!(ok("0"), Duration::ZERO);
+        assert_eq!(ok("0.5m"), Duration::from_secs(30));
+        assert_eq!(ok(" 2s "), Duration::from_secs(2));
+        // humantime's own forms.
+        assert_eq!(ok("1h 30m"), Duration::from_secs(5400));
+        assert_eq!(ok("2min"), Duration::from_secs(120));
+        assert_eq!(ok("750msec"), Duration::from_millis(750));
+        for bad in [
+            "soon",
+            "5 parsecs",
+            "-1s",
+            "-1",
+            "-0.5s",
+            "",
+            "inf",
+            "NaN",
+            "1e400",
+            "1.5.2s",
+            "1.5parsecs",
+            "1e300h",
+            "99999999999999999999999.5h",
+        ] {
+            let e = parse_duration(bad).expect_err(bad);
+            assert!(
+                e.contains("is not a duration") && e.contains("30s"),
+                "{bad}: {e}"
+            );
+            assert_eq!(e.lines().count(), 1, "{bad}: {e}");
+        }
     }
 }

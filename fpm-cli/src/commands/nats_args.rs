@@ -58,8 +58,9 @@ pub struct NatsArgs {
         requires = "nats_tls_cert"
     )]
     pub nats_tls_key: Option<PathBuf>,
-    /// Require TLS even without certificates given.
-    #[arg(long)]
+    /// Require TLS even without certificates given. From the environment: `FPM_NATS_TLS=true`
+    /// (or 1, yes, on; false, 0, no, off).
+    #[arg(long, env = "FPM_NATS_TLS", value_parser = clap::builder::BoolishValueParser::new())]
     pub nats_tls: bool,
 }
 

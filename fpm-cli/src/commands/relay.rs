@@ -45,17 +45,23 @@ pub struct RelayArgs {
     #[arg(long, env = "FPM_IPC_BASE", value_name = "ipc://PATH")]
     pub ipc_base: Option<String>,
     /// Data-parallel ranks to read with --ipc-base.
-    #[arg(long, value_delimiter = ',', default_value = "0", value_name = "RANKS")]
+    #[arg(
+        long,
+        env = "FPM_DP_RANKS",
+        value_delimiter = ',',
+        default_value = "0",
+        value_name = "RANKS"
+    )]
     pub dp_ranks: Vec<u32>,
     /// vLLM-style base port (Dynamo's DYN_FORWARDPASS_METRIC_PORT, usually 20380): rank r is
     /// read from tcp://{--tcp-host}:{base + r}.
     #[arg(long, env = "DYN_FORWARDPASS_METRIC_PORT", value_name = "PORT")]
     pub tcp_port_base: Option<u16>,
     /// Number of data-parallel ranks with --tcp-port-base.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, env = "FPM_DP_SIZE", default_value_t = 1)]
     pub dp_size: u16,
     /// Host the engine's tcp PUB sockets are on, with --tcp-port-base.
-    #[arg(long, default_value = "127.0.0.1")]
+    #[arg(long, env = "FPM_TCP_HOST", default_value = "127.0.0.1")]
     pub tcp_host: String,
 
     /// Dynamo namespace of the engine.
@@ -68,7 +74,7 @@ pub struct RelayArgs {
     #[arg(long, env = "DYN_ENDPOINT", default_value = "generate")]
     pub endpoint: String,
     /// Subject layout: `endpoint` for Dynamo 1.6.1, `component` for older planners.
-    #[arg(long, value_enum, default_value = "endpoint")]
+    #[arg(long, env = "FPM_SCOPE", value_enum, default_value = "endpoint")]
     pub scope: ScopeArg,
 
     /// How to reach NATS.
@@ -85,7 +91,7 @@ pub struct RelayArgs {
     #[arg(long, env = "FPM_MAX_PAYLOAD_BYTES", default_value_t = fpm_schema::DEFAULT_MAX_SIZE)]
     pub max_payload_bytes: usize,
     /// How long one NATS publish may take before the message is dropped (e.g. 2s, 500ms).
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    #[arg(long, env = "FPM_RELAY_PUBLISH_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     pub publish_timeout: Duration,
     /// How long shutdown may take to flush buffered messages to NATS (e.g. 5s).
     #[arg(long, env = "FPM_RELAY_SHUTDOWN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
@@ -353,6 +359,17 @@ mod tests {
             }
         );
         assert_eq!(c.shutdown_timeout, Duration::from_millis(750));
+    }
+
+    #[test]
+    fn nats_tls_is_still_a_plain_flag() {
+        let on = args(&["--zmq-endpoint", "tcp://h:1", "--nats-tls"]).unwrap();
+        assert!(on.to_config().unwrap().nats.require_tls);
+        let off = args(&["--zmq-endpoint", "tcp://h:1"]).unwrap();
+        assert!(
+            !off.to_config().unwrap().nats.require_tls
+                || std::env::var_os("FPM_NATS_TLS").is_some()
+        );
     }
 
     #[test]

@@ -25,49 +25,49 @@ pub struct SimArgs {
     #[arg(long, env = "FPM_SIM_WORKER_ID", default_value = "fpm-sim")]
     pub worker_id: String,
     /// How long to run (`30s`, `2m`, `500ms`, or seconds); Ctrl-C stops earlier.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "FPM_SIM_DURATION", default_value = "30s", value_parser = parse_duration)]
     pub duration: Duration,
     /// Request arrivals per second across all ranks (Poisson; > 0).
-    #[arg(long, default_value_t = 4.0, value_parser = positive, allow_negative_numbers = true)]
+    #[arg(long, env = "FPM_SIM_RPS", default_value_t = 4.0, value_parser = positive, allow_negative_numbers = true)]
     pub rps: f64,
     /// Mean prompt length in tokens (log-normal; > 0).
-    #[arg(long, default_value_t = 1024.0, value_parser = positive, allow_negative_numbers = true)]
+    #[arg(long, env = "FPM_SIM_PROMPT_LEN", default_value_t = 1024.0, value_parser = positive, allow_negative_numbers = true)]
     pub prompt_len: f64,
     /// Mean output length in tokens (log-normal; > 0).
-    #[arg(long, default_value_t = 256.0, value_parser = positive, allow_negative_numbers = true)]
+    #[arg(long, env = "FPM_SIM_OUTPUT_LEN", default_value_t = 256.0, value_parser = positive, allow_negative_numbers = true)]
     pub output_len: f64,
     /// Token budget per iteration: longer prompts are prefilled in chunks (≥ 1).
-    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(i64).range(1..), allow_negative_numbers = true)]
+    #[arg(long, env = "FPM_SIM_MAX_NUM_BATCHED_TOKENS", default_value_t = 2048, value_parser = clap::value_parser!(i64).range(1..), allow_negative_numbers = true)]
     pub max_num_batched_tokens: i64,
     /// Running requests per rank, at most (≥ 1).
-    #[arg(long, default_value_t = 256, value_parser = at_least_one, allow_negative_numbers = true)]
+    #[arg(long, env = "FPM_SIM_MAX_NUM_SEQS", default_value_t = 256, value_parser = at_least_one, allow_negative_numbers = true)]
     pub max_num_seqs: usize,
     /// KV-cache capacity per rank in tokens; when full, the newest request is preempted (≥ 1).
-    #[arg(long, default_value_t = 262_144, value_parser = clap::value_parser!(i64).range(1..), allow_negative_numbers = true)]
+    #[arg(long, env = "FPM_SIM_KV_CAPACITY", default_value_t = 262_144, value_parser = clap::value_parser!(i64).range(1..), allow_negative_numbers = true)]
     pub kv_capacity: i64,
     /// Load-test mode: publish N messages per second per rank, or `max`, ignoring the model.
-    #[arg(long, value_parser = parse_rate)]
+    #[arg(long, env = "FPM_SIM_RATE", value_parser = parse_rate)]
     pub rate: Option<Rate>,
     /// Random seed (rank r uses seed + r).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, env = "FPM_SIM_SEED", default_value_t = 0)]
     pub seed: u64,
     /// Cost model: fixed milliseconds per iteration (≥ 0).
-    #[arg(long, default_value_t = 4.0, value_parser = non_negative, allow_negative_numbers = true)]
+    #[arg(long, env = "FPM_SIM_COST_BASE_MS", default_value_t = 4.0, value_parser = non_negative, allow_negative_numbers = true)]
     pub cost_base_ms: f64,
     /// Cost model: microseconds per prefill token (≥ 0).
-    #[arg(long, default_value_t = 20.0, value_parser = non_negative, allow_negative_numbers = true)]
+    #[arg(long, env = "FPM_SIM_COST_PREFILL_US", default_value_t = 20.0, value_parser = non_negative, allow_negative_numbers = true)]
     pub cost_prefill_us: f64,
     /// Cost model: nanoseconds per KV token read by decode (≥ 0).
-    #[arg(long, default_value_t = 20.0, value_parser = non_negative, allow_negative_numbers = true)]
+    #[arg(long, env = "FPM_SIM_COST_DECODE_KV_NS", default_value_t = 20.0, value_parser = non_negative, allow_negative_numbers = true)]
     pub cost_decode_kv_ns: f64,
     /// Cost model: microseconds per decode request (≥ 0).
-    #[arg(long, default_value_t = 10.0, value_parser = non_negative, allow_negative_numbers = true)]
+    #[arg(long, env = "FPM_SIM_COST_DECODE_REQUEST_US", default_value_t = 10.0, value_parser = non_negative, allow_negative_numbers = true)]
     pub cost_decode_request_us: f64,
     /// Cost model: relative noise, the standard deviation as a fraction of the cost (0 to 1).
-    #[arg(long, default_value_t = 0.03, value_parser = fraction, allow_negative_numbers = true)]
+    #[arg(long, env = "FPM_SIM_NOISE", default_value_t = 0.03, value_parser = fraction, allow_negative_numbers = true)]
     pub noise: f64,
     /// Idle heartbeat interval.
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, env = "FPM_SIM_HEARTBEAT_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub heartbeat_interval: Duration,
 }
 
@@ -124,27 +124,6 @@ fn parse_rate(s: &str) -> Result<Rate, String> {
     }
 }
 
-/// Sets `stop` on SIGINT or SIGTERM. The handlers are installed before this returns (so a
-/// signal right after start-up is handled); a small thread waits for them.
-fn stop_on_signal(stop: Arc<AtomicBool>) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the signal runtime")?;
-    let signal = {
-        let _guard = rt.enter();
-        super::shutdown_signal()?
-    };
-    std::thread::Builder::new()
-        .name("fpm-sim-signal".into())
-        .spawn(move || {
-            rt.block_on(signal);
-            stop.store(true, Ordering::Relaxed);
-        })
-        .context("cannot spawn the signal thread")?;
-    Ok(())
-}
-
 /// Runs `fpm sim`.
 ///
 /// # Errors
@@ -181,16 +160,47 @@ pub fn run(args: SimArgs) -> Result<()> {
         decode_request_s: args.cost_decode_request_us / 1e6,
         noise: args.noise,
     };
+    // The ranks are plain threads (they sleep through each simulated iteration); one
+    // current-thread runtime on this thread waits for them and, as the relay does, for
+    // `shutdown_signal`, and sets `stop` when a signal comes first.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
     let stop = Arc::new(AtomicBool::new(false));
-    stop_on_signal(stop.clone())?;
-    tracing::info!(
-        worker_id = %cfg.worker_id,
-        dp_size = cfg.dp_size,
-        duration_s = cfg.duration.as_secs_f64(),
-        mode = if cfg.rate.is_some() { "fixed rate" } else { "model" },
-        "fpm sim running"
-    );
-    let reports = sim::run(&cfg, stop).context("cannot start the simulated engine")?;
+    rt.block_on(async move {
+        let signal = super::shutdown_signal()?;
+        tracing::info!(
+            worker_id = %cfg.worker_id,
+            dp_size = cfg.dp_size,
+            duration_s = cfg.duration.as_secs_f64(),
+            mode = if cfg.rate.is_some() { "fixed rate" } else { "model" },
+            "fpm sim running"
+        );
+        let mut ranks = tokio::task::spawn_blocking({
+            let stop = stop.clone();
+            move || sim::run(&cfg, stop)
+        });
+        let reports = tokio::select! {
+            biased;
+            () = signal => {
+                tracing::info!("stopping");
+                stop.store(true, Ordering::Relaxed);
+                ranks.await
+            }
+            r = &mut ranks => r,
+        };
+        print_reports(
+            &reports
+                .context("the simulated engine panicked")?
+                .context("cannot start the simulated engine")?,
+        );
+        Ok(())
+    })
+}
+
+/// The per-rank table on standard output.
+fn print_reports(reports: &[sim::RankReport]) {
     let w = reports
         .iter()
         .map(|r| r.endpoint.chars().count())
@@ -209,7 +219,7 @@ pub fn run(args: SimArgs) -> Result<()> {
         "heartbeat",
         "dropped"
     );
-    for r in &reports {
+    for r in reports {
         let e = &r.emitter;
         let reasons: Vec<String> = e
             .dropped
@@ -236,7 +246,6 @@ pub fn run(args: SimArgs) -> Result<()> {
             }
         );
     }
-    Ok(())
 }
 
 #[cfg(test)]
