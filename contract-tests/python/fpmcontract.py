@@ -36,7 +36,9 @@ MAX_PAYLOAD = 64 * 1024
 
 # ---------------------------------------------------------------------------------------
 # The schema-version-1 layout. VALUE JSON follows it; load_module() verifies that the
-# upstream classes still have exactly this layout, so a changed upstream fails loudly.
+# upstream classes still have exactly this layout, so a changed upstream fails loudly, and the
+# Rust test `helper_layout_is_the_field_table` checks it (`layout` command) against
+# fpm_schema::SCHEMA, the field table the Rust codec is generated from.
 
 SCHED_FIELDS = [
     ("num_prefill_requests", "int"),
@@ -65,6 +67,11 @@ TOP_FIELDS = [
     ("queued_requests", "QueuedRequestMetrics"),
 ]
 NESTED = {"scheduled_requests": SCHED_FIELDS, "queued_requests": QUEUED_FIELDS}
+LAYOUT = {
+    "ForwardPassMetrics": TOP_FIELDS,
+    "ScheduledRequestMetrics": SCHED_FIELDS,
+    "QueuedRequestMetrics": QUEUED_FIELDS,
+}
 CLASS_OF = {"scheduled_requests": "ScheduledRequestMetrics", "queued_requests": "QueuedRequestMetrics"}
 
 
@@ -88,12 +95,7 @@ def load_module(name: str):
     mod = upstream.load(name)
     # Upstream logs a warning on every rejected message; vectors record that outcome anyway.
     logging.getLogger(mod.__name__).disabled = True
-    expected = {
-        "ForwardPassMetrics": TOP_FIELDS,
-        "ScheduledRequestMetrics": SCHED_FIELDS,
-        "QueuedRequestMetrics": QUEUED_FIELDS,
-    }
-    for cls, fields in expected.items():
+    for cls, fields in LAYOUT.items():
         got = [(f[0], f[1]) for f in struct_fields(getattr(mod, cls))]
         if got != fields:
             raise SystemExit(
@@ -1039,6 +1041,7 @@ def main(argv: list[str] | None = None) -> int:
         return p
 
     sub.add_parser("schema", help="print both upstream modules' struct layouts as JSON")
+    sub.add_parser("layout", help="print this helper's own layout (checked against fpm_schema::SCHEMA)")
     p = with_module(sub.add_parser("gen", help="print boundary + random vectors (expect ok)"))
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--count", type=int, required=True, help="number of random vectors after the boundary cases")
@@ -1055,6 +1058,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "schema":
             print(schema_json(schema_all()))
+            return 0
+        if args.cmd == "layout":
+            print(json.dumps({cls: [list(f) for f in fields] for cls, fields in LAYOUT.items()}))
             return 0
         mod = get_module(args.module)
     except upstream.UpstreamMissing as e:

@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 
 use fpm_schema::{ForwardPassMetrics, QueuedRequestMetrics, ScheduledRequestMetrics};
 use rand::{Rng, RngExt};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 pub use fpm_testkit::{python, repo_root};
 
@@ -117,78 +117,59 @@ fn f64_json(x: f64) -> Value {
     Value::String(format!("f64:{:016x}", x.to_bits()))
 }
 
-fn i64_of(v: &Value, path: &str) -> i64 {
-    v.as_i64()
-        .unwrap_or_else(|| panic!("{path}: expected an i64, got {v}"))
+/// The fields of struct `name` in [`fpm_schema::SCHEMA`], the crate's field table.
+fn schema_fields(name: &str) -> &'static [(&'static str, &'static str)] {
+    fpm_schema::SCHEMA
+        .iter()
+        .find(|(n, _)| *n == name)
+        .unwrap_or_else(|| panic!("no struct {name} in fpm_schema::SCHEMA"))
+        .1
 }
 
-/// Parses a VALUE object.
-pub fn value_from_json(v: &Value) -> ForwardPassMetrics {
-    let s = &v["scheduled_requests"];
-    let q = &v["queued_requests"];
-    ForwardPassMetrics {
-        version: i64_of(&v["version"], "version"),
-        worker_id: v["worker_id"].as_str().expect("worker_id str").to_owned(),
-        dp_rank: i64_of(&v["dp_rank"], "dp_rank"),
-        counter_id: i64_of(&v["counter_id"], "counter_id"),
-        wall_time: f64_of(&v["wall_time"], "wall_time"),
-        scheduled_requests: ScheduledRequestMetrics {
-            num_prefill_requests: i64_of(&s["num_prefill_requests"], "s.npr"),
-            sum_prefill_tokens: i64_of(&s["sum_prefill_tokens"], "s.spt"),
-            var_prefill_length: f64_of(&s["var_prefill_length"], "s.vpl"),
-            sum_prefill_kv_tokens: i64_of(&s["sum_prefill_kv_tokens"], "s.spkv"),
-            num_decode_requests: i64_of(&s["num_decode_requests"], "s.ndr"),
-            sum_decode_kv_tokens: i64_of(&s["sum_decode_kv_tokens"], "s.sdkv"),
-            var_decode_kv_tokens: f64_of(&s["var_decode_kv_tokens"], "s.vdkv"),
-        },
-        queued_requests: QueuedRequestMetrics {
-            num_prefill_requests: i64_of(&q["num_prefill_requests"], "q.npr"),
-            sum_prefill_tokens: i64_of(&q["sum_prefill_tokens"], "q.spt"),
-            var_prefill_length: f64_of(&q["var_prefill_length"], "q.vpl"),
-            num_decode_requests: i64_of(&q["num_decode_requests"], "q.ndr"),
-            sum_decode_kv_tokens: i64_of(&q["sum_decode_kv_tokens"], "q.sdkv"),
-            var_decode_kv_tokens: f64_of(&q["var_decode_kv_tokens"], "q.vdkv"),
-        },
+/// Visits every leaf of a VALUE object by the field table: checks that each field is present
+/// with its type's JSON form and hands each float slot to `float`.
+fn walk_value(v: &mut Value, name: &str, path: &str, float: &mut impl FnMut(&mut Value, &str)) {
+    for (field, ty) in schema_fields(name) {
+        let at = format!("{path}{field}");
+        let slot = v
+            .get_mut(*field)
+            .unwrap_or_else(|| panic!("VALUE has no `{at}`"));
+        match *ty {
+            "int" => assert!(slot.is_i64(), "{at}: expected an i64, got {slot}"),
+            "str" => assert!(slot.is_string(), "{at}: expected a str, got {slot}"),
+            "float" => float(slot, &at),
+            nested => walk_value(slot, nested, &format!("{at}."), float),
+        }
     }
 }
 
-/// Writes a VALUE object (keys in declaration order).
+/// Parses a VALUE object: every field of the table present, floats as `"f64:<hex>"`.
+pub fn value_from_json(v: &Value) -> ForwardPassMetrics {
+    let mut v = v.clone();
+    walk_value(&mut v, "ForwardPassMetrics", "", &mut |slot, at| {
+        f64_of(slot, at);
+    });
+    // fpm-schema's JSON form reads `"f64:<hex>"` floats bit for bit.
+    serde_json::from_value(v).unwrap_or_else(|e| panic!("bad VALUE: {e}"))
+}
+
+/// Writes a VALUE object (keys in declaration order, floats as `"f64:<hex>"`).
 pub fn value_to_json(m: &ForwardPassMetrics) -> Value {
-    let s = &m.scheduled_requests;
-    let q = &m.queued_requests;
-    let mut sched = Map::new();
-    sched.insert("num_prefill_requests".into(), json!(s.num_prefill_requests));
-    sched.insert("sum_prefill_tokens".into(), json!(s.sum_prefill_tokens));
-    sched.insert("var_prefill_length".into(), f64_json(s.var_prefill_length));
-    sched.insert(
-        "sum_prefill_kv_tokens".into(),
-        json!(s.sum_prefill_kv_tokens),
-    );
-    sched.insert("num_decode_requests".into(), json!(s.num_decode_requests));
-    sched.insert("sum_decode_kv_tokens".into(), json!(s.sum_decode_kv_tokens));
-    sched.insert(
-        "var_decode_kv_tokens".into(),
-        f64_json(s.var_decode_kv_tokens),
-    );
-    let mut queued = Map::new();
-    queued.insert("num_prefill_requests".into(), json!(q.num_prefill_requests));
-    queued.insert("sum_prefill_tokens".into(), json!(q.sum_prefill_tokens));
-    queued.insert("var_prefill_length".into(), f64_json(q.var_prefill_length));
-    queued.insert("num_decode_requests".into(), json!(q.num_decode_requests));
-    queued.insert("sum_decode_kv_tokens".into(), json!(q.sum_decode_kv_tokens));
-    queued.insert(
-        "var_decode_kv_tokens".into(),
-        f64_json(q.var_decode_kv_tokens),
-    );
-    let mut top = Map::new();
-    top.insert("version".into(), json!(m.version));
-    top.insert("worker_id".into(), json!(m.worker_id));
-    top.insert("dp_rank".into(), json!(m.dp_rank));
-    top.insert("counter_id".into(), json!(m.counter_id));
-    top.insert("wall_time".into(), f64_json(m.wall_time));
-    top.insert("scheduled_requests".into(), Value::Object(sched));
-    top.insert("queued_requests".into(), Value::Object(queued));
-    Value::Object(top)
+    let mut v = serde_json::to_value(m).expect("a message serializes");
+    walk_value(&mut v, "ForwardPassMetrics", "", &mut |slot, at| {
+        // fpm-schema's JSON float is lossless: a number, or one of its strings.
+        let x = match slot {
+            Value::Number(n) => n.as_f64().expect("finite"),
+            Value::String(s) => {
+                serde_json::from_value::<ForwardPassMetrics>(json!({ "wall_time": s }))
+                    .unwrap_or_else(|e| panic!("{at}: {e}"))
+                    .wall_time
+            }
+            other => panic!("{at}: not a float: {other}"),
+        };
+        *slot = f64_json(x);
+    });
+    v
 }
 
 /// Parses one vector line.
@@ -224,44 +205,22 @@ pub fn parse_vectors(text: &str) -> Vec<Vector> {
         .collect()
 }
 
-/// A vector line for a message encoded by Rust.
-pub fn rust_vector_line(name: &str, m: &ForwardPassMetrics) -> String {
+/// A vector line for a message encoded by Rust (`msgpack`: our encoding of `m`).
+pub fn rust_vector_line(name: &str, m: &ForwardPassMetrics, msgpack: &[u8]) -> String {
     json!({
         "name": name,
         "source": "rust",
-        "msgpack": hex_encode(&fpm_schema::encode(m)),
+        "msgpack": hex_encode(msgpack),
         "expect": "ok",
         "value": value_to_json(m),
     })
     .to_string()
 }
 
-/// Bitwise equality (floats compared by bits, so NaN equals the same NaN).
+/// Bitwise equality (floats compared by bits, so NaN equals the same NaN): the encodings
+/// are equal, as the encoding holds every field's bits.
 pub fn same(a: &ForwardPassMetrics, b: &ForwardPassMetrics) -> bool {
-    let (sa, sb, qa, qb) = (
-        &a.scheduled_requests,
-        &b.scheduled_requests,
-        &a.queued_requests,
-        &b.queued_requests,
-    );
-    a.version == b.version
-        && a.worker_id == b.worker_id
-        && a.dp_rank == b.dp_rank
-        && a.counter_id == b.counter_id
-        && a.wall_time.to_bits() == b.wall_time.to_bits()
-        && sa.num_prefill_requests == sb.num_prefill_requests
-        && sa.sum_prefill_tokens == sb.sum_prefill_tokens
-        && sa.var_prefill_length.to_bits() == sb.var_prefill_length.to_bits()
-        && sa.sum_prefill_kv_tokens == sb.sum_prefill_kv_tokens
-        && sa.num_decode_requests == sb.num_decode_requests
-        && sa.sum_decode_kv_tokens == sb.sum_decode_kv_tokens
-        && sa.var_decode_kv_tokens.to_bits() == sb.var_decode_kv_tokens.to_bits()
-        && qa.num_prefill_requests == qb.num_prefill_requests
-        && qa.sum_prefill_tokens == qb.sum_prefill_tokens
-        && qa.var_prefill_length.to_bits() == qb.var_prefill_length.to_bits()
-        && qa.num_decode_requests == qb.num_decode_requests
-        && qa.sum_decode_kv_tokens == qb.sum_decode_kv_tokens
-        && qa.var_decode_kv_tokens.to_bits() == qb.var_decode_kv_tokens.to_bits()
+    fpm_schema::encode(a) == fpm_schema::encode(b)
 }
 
 /// The seeded generator of the random vectors: `rand`'s xoshiro256++, the same sequence on
@@ -274,7 +233,7 @@ pub fn seeded_rng(seed: u64) -> VectorRng {
 }
 
 /// Every int-size boundary of msgpack, both signs.
-pub use fpm_schema::INT_FORM_BOUNDARIES as INT_BOUNDARIES;
+pub use fpm_schema::testing::INT_FORM_BOUNDARIES as INT_BOUNDARIES;
 
 /// Float edge cases.
 pub const FLOAT_EDGES: [f64; 13] = [

@@ -4,38 +4,116 @@
 //! (Dynamo's and SGLang's) in the venv made by `contract-tests/setup.sh`.
 
 use contract_tests::*;
-use fpm_schema::{decode, encode, DecodeError, SCHEMA};
+use fpm_schema::{decode, encode, serde_codec, DecodeError, ForwardPassMetrics, SCHEMA};
 use serde_json::Value;
 
-/// Where we differ from msgspec on purpose. msgspec fails on ignored values nested deeper than
-/// Python's recursion limit (about 1,000 levels, depending on the interpreter's stack): that
-/// is an artefact of its recursive decoder, not a wire rule. Ours skips ignored values
-/// iteratively and accepts any depth within the size limit.
+/// Where the hand-written decoder differs from msgspec on purpose. msgspec fails on ignored
+/// values nested deeper than Python's recursion limit (about 1,000 levels, depending on the
+/// interpreter's stack): that is an artefact of its recursive decoder, not a wire rule. Ours
+/// skips ignored values iteratively and accepts any depth within the size limit. (The
+/// `rmp-serde` path has a depth limit of 1,024 and rejects it, as msgspec does.)
 const DOCUMENTED_DIVERGENCES: [&str; 1] = ["deep_nested_depth2000"];
 
-/// Checks one vector against our decoder (and encoder where the bytes came from msgspec
-/// encoding a struct). Returns a failure description.
-fn check_vector(v: &Vector) -> Result<(), String> {
-    let got = decode(&v.msgpack);
-    if DOCUMENTED_DIVERGENCES.iter().any(|d| v.name.contains(d)) {
+/// fpm-schema's two msgpack codecs; every vector is checked against both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Codec {
+    /// `fpm_schema::{encode, decode}`, written by hand over the field table.
+    HandWritten,
+    /// `fpm_schema::serde_codec`, written with `rmp-serde`.
+    RmpSerde,
+}
+
+const CODECS: [Codec; 2] = [Codec::HandWritten, Codec::RmpSerde];
+
+/// What a decoder did with a payload.
+enum Outcome {
+    Ok(ForwardPassMetrics),
+    UnsupportedVersion(i64),
+    /// Rejected; `field` is the field the error names, when the decoder names fields.
+    Error {
+        field: Option<&'static str>,
+        message: String,
+    },
+}
+
+impl Codec {
+    fn encode(self, m: &ForwardPassMetrics) -> Vec<u8> {
+        match self {
+            Codec::HandWritten => encode(m),
+            Codec::RmpSerde => serde_codec::encode(m),
+        }
+    }
+
+    fn decode(self, bytes: &[u8]) -> Outcome {
+        match self {
+            Codec::HandWritten => match decode(bytes) {
+                Ok(m) => Outcome::Ok(m),
+                Err(DecodeError::UnsupportedVersion { version }) => {
+                    Outcome::UnsupportedVersion(version)
+                }
+                Err(e) => Outcome::Error {
+                    field: e.field(),
+                    message: e.to_string(),
+                },
+            },
+            Codec::RmpSerde => match serde_codec::decode(bytes) {
+                Ok(m) => Outcome::Ok(m),
+                Err(serde_codec::SerdeDecodeError::UnsupportedVersion { version }) => {
+                    Outcome::UnsupportedVersion(version)
+                }
+                Err(e) => Outcome::Error {
+                    field: None,
+                    message: format!("{e}: {:?}", std::error::Error::source(&e)),
+                },
+            },
+        }
+    }
+
+    /// Whether its errors name the field (rmp-serde's do not).
+    fn names_fields(self) -> bool {
+        self == Codec::HandWritten
+    }
+
+    fn divergences(self) -> &'static [&'static str] {
+        match self {
+            Codec::HandWritten => &DOCUMENTED_DIVERGENCES,
+            Codec::RmpSerde => &[],
+        }
+    }
+}
+
+/// Checks one vector against one codec's decoder (and encoder where the bytes came from
+/// msgspec encoding a struct). Returns a failure description.
+fn check_vector(v: &Vector, codec: Codec) -> Result<(), String> {
+    let got = codec.decode(&v.msgpack);
+    if codec.divergences().iter().any(|d| v.name.contains(d)) {
         return match got {
-            Ok(_) => Ok(()),
-            Err(e) => Err(format!("{}: divergence case must decode, got {e}", v.name)),
+            Outcome::Ok(_) => Ok(()),
+            _ => Err(format!("{}: divergence case must decode", v.name)),
         };
     }
     match v.expect {
         Expect::Ok => {
             let want = v.value.as_ref().ok_or("ok vector without value")?;
-            let m = got.map_err(|e| format!("{}: decode failed: {e}", v.name))?;
+            let m = match got {
+                Outcome::Ok(m) => m,
+                Outcome::UnsupportedVersion(version) => {
+                    return Err(format!("{}: decode failed: version {version}", v.name))
+                }
+                Outcome::Error { message, .. } => {
+                    return Err(format!("{}: decode failed: {message}", v.name))
+                }
+            };
             if !same(&m, want) {
                 return Err(format!("{}: decoded {m:?}, want {want:?}", v.name));
             }
-            if v.source != "msgpack" && encode(want) != v.msgpack {
+            let ours = codec.encode(want);
+            if v.source != "msgpack" && ours != v.msgpack {
                 return Err(format!(
                     "{}: our bytes differ from {}'s:\nours   {}\ntheirs {}",
                     v.name,
                     v.source,
-                    hex_encode(&encode(want)),
+                    hex_encode(&ours),
                     hex_encode(&v.msgpack)
                 ));
             }
@@ -43,33 +121,52 @@ fn check_vector(v: &Vector) -> Result<(), String> {
         Expect::UnsupportedVersion => {
             let want = v.value.as_ref().map(|m| m.version);
             match got {
-                Err(DecodeError::UnsupportedVersion { version }) if Some(version) == want => {}
-                other => {
+                Outcome::UnsupportedVersion(version) if Some(version) == want => {}
+                Outcome::Ok(m) => {
                     return Err(format!(
-                        "{}: want UnsupportedVersion {want:?}, got {other:?}",
+                        "{}: want UnsupportedVersion {want:?}, decoded {m:?}",
+                        v.name
+                    ))
+                }
+                Outcome::UnsupportedVersion(version) => {
+                    return Err(format!(
+                        "{}: want UnsupportedVersion {want:?}, got version {version}",
+                        v.name
+                    ))
+                }
+                Outcome::Error { message, .. } => {
+                    return Err(format!(
+                        "{}: want UnsupportedVersion {want:?}, got {message}",
                         v.name
                     ))
                 }
             }
         }
         Expect::Error => match got {
-            Ok(m) => return Err(format!("{}: want an error, decoded {m:?}", v.name)),
-            Err(e) => {
+            Outcome::Ok(m) => return Err(format!("{}: want an error, decoded {m:?}", v.name)),
+            Outcome::UnsupportedVersion(version) => {
+                return Err(format!("{}: want an error, got version {version}", v.name))
+            }
+            Outcome::Error {
+                field: ours,
+                message,
+            } => {
                 // msgspec names the field (dotted path) unless the error is about the whole
                 // message (""); then there is nothing to compare. Otherwise our error must
-                // name exactly that field.
-                if let Some(field) = v.error_field.as_deref().filter(|f| !f.is_empty()) {
-                    match e.field() {
+                // name exactly that field (where the codec names fields at all).
+                let want = v.error_field.as_deref().filter(|f| !f.is_empty());
+                if let (Some(field), true) = (want, codec.names_fields()) {
+                    match ours {
                         Some(ours) if ours == field => {}
                         Some(ours) => {
                             return Err(format!(
-                                "{}: error \"{e}\" is about `{ours}`, want `{field}`",
+                                "{}: error \"{message}\" is about `{ours}`, want `{field}`",
                                 v.name
                             ))
                         }
                         None => {
                             return Err(format!(
-                                "{}: error \"{e}\" names no field, want `{field}`",
+                                "{}: error \"{message}\" names no field, want `{field}`",
                                 v.name
                             ))
                         }
@@ -79,6 +176,62 @@ fn check_vector(v: &Vector) -> Result<(), String> {
         },
     }
     Ok(())
+}
+
+/// The decision check holds for both codecs: a vector whose expectation is wrong fails it,
+/// whichever codec decodes.
+#[test]
+fn vector_check_fails_a_wrong_expectation_for_each_codec() {
+    let good = encode(&ForwardPassMetrics::heartbeat("w", 1));
+    let v2 = encode(&ForwardPassMetrics {
+        version: 2,
+        ..Default::default()
+    });
+    let vector = |msgpack: Vec<u8>, expect, value| Vector {
+        name: "wrong-expectation".into(),
+        source: "msgpack".into(),
+        msgpack,
+        expect,
+        value,
+        error_field: None,
+    };
+    let heartbeat = Some(ForwardPassMetrics::heartbeat("w", 1));
+    for codec in CODECS {
+        // Right expectations pass.
+        assert_eq!(
+            check_vector(&vector(good.clone(), Expect::Ok, heartbeat.clone()), codec),
+            Ok(())
+        );
+        assert_eq!(
+            check_vector(&vector(vec![0x90], Expect::Error, None), codec),
+            Ok(())
+        );
+        // Wrong ones fail: an error expected of a good message, a value from an array, the
+        // wrong value, a version-2 message as ok or as an error.
+        assert!(check_vector(&vector(good.clone(), Expect::Error, None), codec).is_err());
+        assert!(check_vector(&vector(vec![0x90], Expect::Ok, heartbeat.clone()), codec).is_err());
+        let other = Some(ForwardPassMetrics::heartbeat("w", 2));
+        assert!(check_vector(&vector(good.clone(), Expect::Ok, other), codec).is_err());
+        assert!(check_vector(&vector(v2.clone(), Expect::Error, None), codec).is_err());
+        let v2_value = Some(ForwardPassMetrics {
+            version: 2,
+            ..Default::default()
+        });
+        assert!(check_vector(&vector(v2.clone(), Expect::Ok, v2_value.clone()), codec).is_err());
+        assert_eq!(
+            check_vector(
+                &vector(v2.clone(), Expect::UnsupportedVersion, v2_value),
+                codec
+            ),
+            Ok(())
+        );
+        // Bytes that differ from the source's encoding fail the encode check.
+        let mut msgspec = vector(good.clone(), Expect::Ok, heartbeat.clone());
+        msgspec.source = "dynamo".into();
+        assert_eq!(check_vector(&msgspec, codec), Ok(()));
+        msgspec.msgpack[1] ^= 1; // the first key's fixstr header
+        assert!(check_vector(&msgspec, codec).is_err());
+    }
 }
 
 /// The error-field check itself: an error about another field, or about no field, fails it.
@@ -95,29 +248,49 @@ fn error_field_check_rejects_a_wrong_or_missing_field() {
         error_field: Some(field.into()),
     };
     assert_eq!(
-        check_vector(&vector(float_for_counter.clone(), "counter_id")),
+        check_vector(
+            &vector(float_for_counter.clone(), "counter_id"),
+            Codec::HandWritten
+        ),
         Ok(())
     );
     // msgspec names no field: nothing to compare.
-    assert_eq!(check_vector(&vector(float_for_counter.clone(), "")), Ok(()));
-    let wrong = check_vector(&vector(float_for_counter.clone(), "dp_rank")).unwrap_err();
+    assert_eq!(
+        check_vector(&vector(float_for_counter.clone(), ""), Codec::HandWritten),
+        Ok(())
+    );
+    let wrong = check_vector(
+        &vector(float_for_counter.clone(), "dp_rank"),
+        Codec::HandWritten,
+    )
+    .unwrap_err();
     assert!(
         wrong.contains("is about `counter_id`, want `dp_rank`"),
         "{wrong}"
     );
     // A suffix or prefix of the right path is still the wrong field.
-    let nested = check_vector(&vector(float_for_counter, "scheduled_requests.counter_id"));
+    let nested = check_vector(
+        &vector(float_for_counter, "scheduled_requests.counter_id"),
+        Codec::HandWritten,
+    );
     assert!(nested.is_err());
     // Trailing bytes: our error names no field, so it cannot be about `dp_rank`.
     let trailing = [encode(&Default::default()), vec![0xc0]].concat();
-    let none = check_vector(&vector(trailing, "dp_rank")).unwrap_err();
+    let none = check_vector(&vector(trailing, "dp_rank"), Codec::HandWritten).unwrap_err();
     assert!(none.contains("names no field, want `dp_rank`"), "{none}");
 }
 
+/// Checks every vector against both codecs.
 fn check_all(vectors: &[Vector]) -> usize {
-    let failures: Vec<String> = vectors
+    let failures: Vec<String> = CODECS
         .iter()
-        .filter_map(|v| check_vector(v).err())
+        .flat_map(|&codec| {
+            vectors.iter().filter_map(move |v| {
+                check_vector(v, codec)
+                    .err()
+                    .map(|e| format!("{codec:?}: {e}"))
+            })
+        })
         .collect();
     assert!(
         failures.is_empty(),
@@ -323,15 +496,21 @@ mod live {
         let mut lines = String::new();
         let mut n = 0;
         for (name, m) in boundary_messages() {
-            lines.push_str(&rust_vector_line(&name, &m));
-            lines.push('\n');
-            n += 1;
+            for codec in CODECS {
+                let name = format!("{codec:?}/{name}");
+                lines.push_str(&rust_vector_line(&name, &m, &codec.encode(&m)));
+                lines.push('\n');
+                n += 1;
+            }
         }
         for i in 0..2000 {
             let m = random_message(&mut rng);
-            lines.push_str(&rust_vector_line(&format!("rand-{seed}-{i}"), &m));
-            lines.push('\n');
-            n += 1;
+            for codec in CODECS {
+                let name = format!("{codec:?}/rand-{seed}-{i}");
+                lines.push_str(&rust_vector_line(&name, &m, &codec.encode(&m)));
+                lines.push('\n');
+                n += 1;
+            }
         }
         let (ok, out) = run_contract(&py, &["check", "--module", module], lines.as_bytes(), true);
         let summary: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| {
@@ -368,6 +547,20 @@ mod live {
             let (_, out) = run_contract(&py, &["extras", "--module", module], b"", false);
             assert!(check_all(&parse_vectors(&out)) > 20, "{module}");
         }
+    }
+
+    /// The Python helper's own layout (`fpmcontract.py layout`, which it checks the upstream
+    /// classes against) is fpm-schema's field table, field for field.
+    #[test]
+    fn helper_layout_is_the_field_table() {
+        let Some(py) = python() else { return };
+        let (_, out) = run_contract(&py, &["layout"], b"", false);
+        let helper: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(
+            helper,
+            our_schema_json(),
+            "fpmcontract.py's layout differs from SCHEMA"
+        );
     }
 
     #[test]

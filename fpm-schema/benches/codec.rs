@@ -13,8 +13,9 @@ use std::process::Command;
 use std::time::Instant;
 
 use criterion::{BenchmarkId, Criterion, Throughput};
+use fpm_schema::testing::encode_with_rmp_primitives;
 use fpm_schema::{
-    decode, encode, encode_into, peek_key, Decoder, Envelope, ForwardPassMetrics,
+    decode, encode, encode_into, peek_key, serde_codec, Decoder, Envelope, ForwardPassMetrics,
     QueuedRequestMetrics, ScheduledRequestMetrics, FPM_TOPIC,
 };
 
@@ -78,6 +79,17 @@ fn bench_codec(c: &mut Criterion) {
                     .decode_into(black_box(&bytes), &mut out)
                     .unwrap()
             })
+        });
+        // The same operations with rmp-serde (`serde_codec`) and with the `rmp` crate's
+        // primitive writers, for the 2x rule (see `compare_with_rmp`).
+        g.bench_function("rmp_serde_encode_into", |b| {
+            b.iter(|| serde_codec::encode_into(black_box(&m), &mut buf))
+        });
+        g.bench_function("rmp_primitives_encode_into", |b| {
+            b.iter(|| encode_with_rmp_primitives(black_box(&m), &mut buf))
+        });
+        g.bench_function("rmp_serde_decode", |b| {
+            b.iter(|| serde_codec::decode(black_box(&bytes)).unwrap())
         });
         g.bench_function("peek_key", |b| {
             b.iter(|| peek_key(black_box(&bytes)).unwrap())
@@ -224,9 +236,53 @@ fn compare_with_msgspec() {
     );
 }
 
+/// The 2x rule of issue 11: the hand-written path stays only where it is at least 2x faster
+/// than rmp-serde on the same message, in the same run; and the `rmp` crate's primitive
+/// writers replace the hand-written ones if they are as fast.
+fn compare_with_rmp() {
+    let iterations = 200_000;
+    let m = representative();
+    let bytes = encode(&m);
+    let mut buf = Vec::with_capacity(1024);
+    let hand_enc = best_of(iterations, 5, || encode_into(black_box(&m), &mut buf));
+    let serde_enc = best_of(iterations, 5, || {
+        serde_codec::encode_into(black_box(&m), &mut buf)
+    });
+    let prim_enc = best_of(iterations, 5, || {
+        encode_with_rmp_primitives(black_box(&m), &mut buf)
+    });
+    let hand_dec = best_of(iterations, 5, || {
+        black_box(decode(black_box(&bytes)).unwrap());
+    });
+    let serde_dec = best_of(iterations, 5, || {
+        black_box(serde_codec::decode(black_box(&bytes)).unwrap());
+    });
+    println!();
+    println!(
+        "same-run comparison with rmp-serde 1.3, {} B message, best of 5 x {iterations}:",
+        bytes.len()
+    );
+    let row = |what: &str, hand: f64, other: f64, name: &str| {
+        let ratio = other / hand;
+        println!(
+            "  {what:<28} hand-written {hand:7.1} ns  {name} {other:7.1} ns  ratio {ratio:5.2}x  {}",
+            if ratio >= 2.0 { "keep hand-written" } else { "under 2x" }
+        );
+    };
+    row(
+        "encode into a reused buffer",
+        hand_enc,
+        serde_enc,
+        "rmp-serde",
+    );
+    row("encode, rmp primitives", hand_enc, prim_enc, "rmp::encode");
+    row("decode to a new struct", hand_dec, serde_dec, "rmp-serde");
+}
+
 fn main() {
     let mut c = Criterion::default().configure_from_args();
     bench_codec(&mut c);
     c.final_summary();
+    compare_with_rmp();
     compare_with_msgspec();
 }

@@ -29,9 +29,13 @@
 mod codec;
 mod envelope;
 mod error;
-mod metrics;
+mod message;
 mod msgpack;
+pub mod serde_codec;
 mod subject;
+mod table;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 pub use codec::{
     decode, encode, encode_into, peek_key, Decoder, FpmKey, DEFAULT_MAX_SIZE, ENCODED_DEFAULT_LEN,
@@ -40,87 +44,27 @@ pub use envelope::{
     envelope_overhead, Envelope, ENVELOPE_OVERHEAD, FPM_TOPIC, MAX_ENVELOPE_OVERHEAD, MAX_TOPIC_LEN,
 };
 pub use error::{DecodeError, NameError};
-pub use metrics::{
+pub use message::{
     ForwardPassMetrics, QueuedRequestMetrics, QueuedRequestsBuilder, ScheduledRequestMetrics,
     ScheduledRequestsBuilder, Welford, FPM_VERSION,
 };
 pub use subject::{FpmSubject, Name, Scope};
 
 /// The schema as this crate implements it: struct name, then `(field, type)` in declaration
-/// order, with Python's type names. The contract tests compare it with the upstream classes.
+/// order, with Python's type names. Generated from the field table (the struct declarations
+/// in `message.rs`); the contract tests compare it with the upstream classes and with the
+/// Python helper's layout.
 pub const SCHEMA: [(&str, &[(&str, &str)]); 3] = [
     (
-        "ForwardPassMetrics",
-        &[
-            ("version", "int"),
-            ("worker_id", "str"),
-            ("dp_rank", "int"),
-            ("counter_id", "int"),
-            ("wall_time", "float"),
-            ("scheduled_requests", "ScheduledRequestMetrics"),
-            ("queued_requests", "QueuedRequestMetrics"),
-        ],
+        <ForwardPassMetrics as table::Field>::PY_TYPE,
+        ForwardPassMetrics::SCHEMA_FIELDS,
     ),
     (
-        "ScheduledRequestMetrics",
-        &[
-            ("num_prefill_requests", "int"),
-            ("sum_prefill_tokens", "int"),
-            ("var_prefill_length", "float"),
-            ("sum_prefill_kv_tokens", "int"),
-            ("num_decode_requests", "int"),
-            ("sum_decode_kv_tokens", "int"),
-            ("var_decode_kv_tokens", "float"),
-        ],
+        <ScheduledRequestMetrics as table::Field>::PY_TYPE,
+        ScheduledRequestMetrics::SCHEMA_FIELDS,
     ),
     (
-        "QueuedRequestMetrics",
-        &[
-            ("num_prefill_requests", "int"),
-            ("sum_prefill_tokens", "int"),
-            ("var_prefill_length", "float"),
-            ("num_decode_requests", "int"),
-            ("sum_decode_kv_tokens", "int"),
-            ("var_decode_kv_tokens", "float"),
-        ],
+        <QueuedRequestMetrics as table::Field>::PY_TYPE,
+        QueuedRequestMetrics::SCHEMA_FIELDS,
     ),
 ];
-
-/// The integers at which the msgpack encoding of an int changes form (fixint, 8, 16, 32 and
-/// 64 bits, both signs), as msgspec and this crate write them: the values any conformance
-/// test of an encoder must cover.
-pub const INT_FORM_BOUNDARIES: [i64; 21] = [
-    0,
-    1,
-    127,
-    128,
-    255,
-    256,
-    65535,
-    65536,
-    u32::MAX as i64,
-    1 << 32,
-    i64::MAX,
-    -1,
-    -32,
-    -33,
-    -128,
-    -129,
-    -32768,
-    -32769,
-    i32::MIN as i64,
-    i32::MIN as i64 - 1,
-    i64::MIN,
-];
-
-/// Decodes `data` with every decoder in this crate and discards the results: the body of the
-/// fuzz targets and property tests that prove no input panics.
-#[doc(hidden)]
-pub fn fuzz_all_decoders(data: &[u8]) {
-    let _ = decode(data);
-    let _ = peek_key(data);
-    let _ = Decoder::new().with_max_size(usize::MAX).decode(data);
-    if let Ok(env) = Envelope::decode(data) {
-        let _ = decode(env.payload);
-    }
-}

@@ -218,9 +218,10 @@ pub(crate) const fn fixstr<const N: usize>(s: &str) -> [u8; N] {
     out
 }
 
-/// Builds a `&'static [u8]` fixstr key from a string literal.
+/// Builds a `&'static [u8; N]` fixstr key from a constant string (a literal or
+/// `stringify!(field)`).
 macro_rules! key {
-    ($s:literal) => {{
+    ($s:expr) => {{
         const K: [u8; $s.len() + 1] = $crate::msgpack::fixstr::<{ $s.len() + 1 }>($s);
         &K
     }};
@@ -326,6 +327,20 @@ impl<'a> Reader<'a> {
                 true
             }
             _ => false,
+        }
+    }
+
+    /// Like [`Reader::eat`] for a key whose length is not a constant.
+    #[inline(always)]
+    pub(crate) fn eat_slice(&mut self, key: &[u8]) -> bool {
+        let Some(end) = self.pos.checked_add(key.len()) else {
+            return false;
+        };
+        if self.buf.get(self.pos..end) == Some(key) {
+            self.pos = end;
+            true
+        } else {
+            false
         }
     }
 
@@ -603,7 +618,7 @@ mod tests {
 
     #[test]
     fn ints_round_trip_through_every_form() {
-        for v in crate::INT_FORM_BOUNDARIES {
+        for v in crate::testing::INT_FORM_BOUNDARIES {
             let b = enc_i64(v);
             let mut r = Reader::new(&b);
             assert_eq!(r.read_i64("x").unwrap(), v);

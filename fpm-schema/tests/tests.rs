@@ -1,9 +1,10 @@
 //! Property tests: round trips for arbitrary messages, and no panic on arbitrary input.
 
+use fpm_schema::serde_codec;
+use fpm_schema::testing::fuzz_all_decoders;
 use fpm_schema::{
-    decode, encode, encode_into, envelope_overhead, fuzz_all_decoders, peek_key, Envelope,
-    ForwardPassMetrics, QueuedRequestMetrics, ScheduledRequestMetrics, DEFAULT_MAX_SIZE, FPM_TOPIC,
-    MAX_TOPIC_LEN,
+    decode, encode, encode_into, envelope_overhead, peek_key, Envelope, ForwardPassMetrics,
+    QueuedRequestMetrics, ScheduledRequestMetrics, DEFAULT_MAX_SIZE, FPM_TOPIC, MAX_TOPIC_LEN,
 };
 use proptest::prelude::*;
 
@@ -25,7 +26,7 @@ fn any_i64() -> impl Strategy<Value = i64> {
     prop_oneof![
         any::<i64>(),
         -300i64..70_000,
-        prop::sample::select(fpm_schema::INT_FORM_BOUNDARIES.to_vec()),
+        prop::sample::select(fpm_schema::testing::INT_FORM_BOUNDARIES.to_vec()),
     ]
 }
 
@@ -202,6 +203,31 @@ proptest! {
         let a = decode(&canonical).unwrap();
         let b = decode(&extended).unwrap();
         prop_assert_eq!(encode(&a), encode(&b));
+    }
+
+    /// The `rmp-serde` codec writes the same bytes as the hand-written one and makes the same
+    /// accept/reject decision, with the same value, on mutated and cut messages.
+    #[test]
+    fn serde_codec_agrees_with_hand_written(m in any_message(),
+            flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+            cut in any::<prop::sample::Index>()) {
+        let bytes = encode(&m);
+        prop_assert_eq!(serde_codec::encode(&m), bytes.clone());
+        let mut rmp_bytes = Vec::new();
+        fpm_schema::testing::encode_with_rmp_primitives(&m, &mut rmp_bytes);
+        prop_assert_eq!(rmp_bytes, bytes.clone());
+        let mut mutated = bytes.clone();
+        for (i, b) in flips {
+            let i = i.index(mutated.len());
+            mutated[i] = b;
+        }
+        let end = cut.index(mutated.len() + 1).max(mutated.len() * (cut.index(2)));
+        let input = &mutated[..end];
+        match (decode(input), serde_codec::decode(input)) {
+            (Ok(a), Ok(b)) => prop_assert_eq!(encode(&a), encode(&b)),
+            (Err(_), Err(_)) => {}
+            (a, b) => prop_assert!(false, "hand-written {:?} vs rmp-serde {:?} on {:x?}", a, b, input),
+        }
     }
 
     #[test]

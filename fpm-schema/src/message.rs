@@ -1,50 +1,34 @@
 //! The v1 message types, their builders and the Welford accumulator.
 
-use serde::{Deserialize, Serialize};
+use crate::table::fpm_struct;
 
 /// The schema version this crate reads and writes.
 pub const FPM_VERSION: i64 = 1;
 
-/// One scheduler iteration (one forward pass) of one engine data-parallel rank.
-///
-/// Field order and defaults are those of the msgspec `ForwardPassMetrics` struct shipped in
-/// `dynamo.common.forward_pass_metrics` and `sglang.srt.observability.forward_pass_metrics`;
-/// the msgpack encoding is a map keyed by these names, in this order.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct ForwardPassMetrics {
-    /// Schema version; consumers reject anything but [`FPM_VERSION`].
-    #[serde(deserialize_with = "json_i64::deserialize")]
-    pub version: i64,
-    /// The engine's identity (Dynamo's runtime connection id, as a string).
-    pub worker_id: String,
-    /// Data-parallel rank; each rank has its own scheduler and its own socket.
-    #[serde(deserialize_with = "json_i64::deserialize")]
-    pub dp_rank: i64,
-    /// Sequence number per `(worker_id, dp_rank)`, stamped by the publisher, so consumers can
-    /// see gaps.
-    #[serde(deserialize_with = "json_i64::deserialize")]
-    pub counter_id: i64,
-    /// The iteration's duration in seconds; `0.0` on an idle heartbeat.
-    #[serde(with = "json_f64")]
-    pub wall_time: f64,
-    /// What ran in this iteration.
-    pub scheduled_requests: ScheduledRequestMetrics,
-    /// What was waiting while it ran.
-    pub queued_requests: QueuedRequestMetrics,
-}
-
-impl Default for ForwardPassMetrics {
-    fn default() -> Self {
-        ForwardPassMetrics {
-            version: FPM_VERSION,
-            worker_id: String::new(),
-            dp_rank: 0,
-            counter_id: 0,
-            wall_time: 0.0,
-            scheduled_requests: ScheduledRequestMetrics::default(),
-            queued_requests: QueuedRequestMetrics::default(),
-        }
+fpm_struct! {
+    map = "<message>";
+    /// One scheduler iteration (one forward pass) of one engine data-parallel rank.
+    ///
+    /// Field order and defaults are those of the msgspec `ForwardPassMetrics` struct shipped in
+    /// `dynamo.common.forward_pass_metrics` and `sglang.srt.observability.forward_pass_metrics`;
+    /// the msgpack encoding is a map keyed by these names, in this order.
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct ForwardPassMetrics {
+        /// Schema version; consumers reject anything but [`FPM_VERSION`].
+        pub version: i64 = FPM_VERSION,
+        /// The engine's identity (Dynamo's runtime connection id, as a string).
+        pub worker_id: String,
+        /// Data-parallel rank; each rank has its own scheduler and its own socket.
+        pub dp_rank: i64,
+        /// Sequence number per `(worker_id, dp_rank)`, stamped by the publisher, so consumers can
+        /// see gaps.
+        pub counter_id: i64,
+        /// The iteration's duration in seconds; `0.0` on an idle heartbeat.
+        pub wall_time: f64,
+        /// What ran in this iteration.
+        pub scheduled_requests: ScheduledRequestMetrics,
+        /// What was waiting while it ran.
+        pub queued_requests: QueuedRequestMetrics,
     }
 }
 
@@ -64,56 +48,47 @@ impl ForwardPassMetrics {
     }
 }
 
-/// Requests that were scheduled and executed in the iteration.
-#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
-#[serde(default)]
-pub struct ScheduledRequestMetrics {
-    /// Prefill requests (new requests and chunked-prefill continuations).
-    #[serde(deserialize_with = "json_i64::deserialize")]
-    pub num_prefill_requests: i64,
-    /// Tokens freshly computed for prefill this iteration (the chunk, for chunked prefill).
-    #[serde(deserialize_with = "json_i64::deserialize")]
-    pub sum_prefill_tokens: i64,
-    /// Population variance of the full prompt lengths (not chunk sizes) of prefill requests.
-    #[serde(with = "json_f64")]
-    pub var_prefill_length: f64,
-    /// KV tokens read but not computed for prefill: prefix-cache hits and earlier chunks.
-    #[serde(deserialize_with = "json_i64::deserialize")]
-    pub sum_prefill_kv_tokens: i64,
-    /// Decode requests (each generating one token).
-    #[serde(deserialize_with = "json_i64::deserialize")]
-    pub num_decode_requests: i64,
-    /// Sum of KV context lengths of decode requests.
-    #[serde(deserialize_with = "json_i64::deserialize")]
-    pub sum_decode_kv_tokens: i64,
-    /// Population variance of KV context lengths of decode requests.
-    #[serde(with = "json_f64")]
-    pub var_decode_kv_tokens: f64,
+fpm_struct! {
+    map = "scheduled_requests";
+    /// Requests that were scheduled and executed in the iteration.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    pub struct ScheduledRequestMetrics {
+        /// Prefill requests (new requests and chunked-prefill continuations).
+        pub num_prefill_requests: i64,
+        /// Tokens freshly computed for prefill this iteration (the chunk, for chunked prefill).
+        pub sum_prefill_tokens: i64,
+        /// Population variance of the full prompt lengths (not chunk sizes) of prefill requests.
+        pub var_prefill_length: f64,
+        /// KV tokens read but not computed for prefill: prefix-cache hits and earlier chunks.
+        pub sum_prefill_kv_tokens: i64,
+        /// Decode requests (each generating one token).
+        pub num_decode_requests: i64,
+        /// Sum of KV context lengths of decode requests.
+        pub sum_decode_kv_tokens: i64,
+        /// Population variance of KV context lengths of decode requests.
+        pub var_decode_kv_tokens: f64,
+    }
 }
 
-/// Requests waiting while the iteration ran. Token counts are raw (prefix-cache effects are
-/// unknown until a request is scheduled).
-#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
-#[serde(default)]
-pub struct QueuedRequestMetrics {
-    /// Waiting (never scheduled) requests.
-    #[serde(deserialize_with = "json_i64::deserialize")]
-    pub num_prefill_requests: i64,
-    /// Sum of prompt lengths of waiting requests.
-    #[serde(deserialize_with = "json_i64::deserialize")]
-    pub sum_prefill_tokens: i64,
-    /// Population variance of prompt lengths of waiting requests.
-    #[serde(with = "json_f64")]
-    pub var_prefill_length: f64,
-    /// Preempted requests (were decoding, evicted back to the queue).
-    #[serde(deserialize_with = "json_i64::deserialize")]
-    pub num_decode_requests: i64,
-    /// Sum of KV context lengths of preempted requests.
-    #[serde(deserialize_with = "json_i64::deserialize")]
-    pub sum_decode_kv_tokens: i64,
-    /// Population variance of KV context lengths of preempted requests.
-    #[serde(with = "json_f64")]
-    pub var_decode_kv_tokens: f64,
+fpm_struct! {
+    map = "queued_requests";
+    /// Requests waiting while the iteration ran. Token counts are raw (prefix-cache effects are
+    /// unknown until a request is scheduled).
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    pub struct QueuedRequestMetrics {
+        /// Waiting (never scheduled) requests.
+        pub num_prefill_requests: i64,
+        /// Sum of prompt lengths of waiting requests.
+        pub sum_prefill_tokens: i64,
+        /// Population variance of prompt lengths of waiting requests.
+        pub var_prefill_length: f64,
+        /// Preempted requests (were decoding, evicted back to the queue).
+        pub num_decode_requests: i64,
+        /// Sum of KV context lengths of preempted requests.
+        pub sum_decode_kv_tokens: i64,
+        /// Population variance of KV context lengths of preempted requests.
+        pub var_decode_kv_tokens: f64,
+    }
 }
 
 /// Welford's online count / sum / population variance, bit-for-bit the same arithmetic as the
@@ -273,110 +248,6 @@ impl QueuedRequestsBuilder {
             sum_decode_kv_tokens: self.preempted.sum(),
             var_decode_kv_tokens: self.preempted.variance(),
         }
-    }
-}
-
-/// JSON form of floats, lossless for every f64 bit pattern: finite values as numbers (the
-/// shortest text that parses back to the same bits; read with serde_json's `float_roundtrip`
-/// feature, so parsing is exact); the infinities as the strings `"Infinity"` and `"-Infinity"`;
-/// the NaN Python and Rust produce (`0x7ff8000000000000`) as `"NaN"`; any other NaN (another
-/// sign or payload, which msgpack carries and JSON cannot write) as `"f64:<16 hex digits>"`,
-/// the exact bits, the notation of the contract test vectors.
-mod json_f64 {
-    use serde::de::{self, Visitor};
-    use serde::{Deserializer, Serializer};
-    use std::fmt;
-
-    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
-        if v.is_nan() {
-            if v.to_bits() == f64::NAN.to_bits() {
-                s.serialize_str("NaN")
-            } else {
-                s.serialize_str(&format!("f64:{:016x}", v.to_bits()))
-            }
-        } else if *v == f64::INFINITY {
-            s.serialize_str("Infinity")
-        } else if *v == f64::NEG_INFINITY {
-            s.serialize_str("-Infinity")
-        } else {
-            s.serialize_f64(*v)
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
-        struct F;
-        impl Visitor<'_> for F {
-            type Value = f64;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str(
-                    "a number, or \"NaN\", \"Infinity\", \"-Infinity\", \"f64:<16 hex digits>\"",
-                )
-            }
-            fn visit_f64<E>(self, v: f64) -> Result<f64, E> {
-                Ok(v)
-            }
-            fn visit_i64<E>(self, v: i64) -> Result<f64, E> {
-                Ok(v as f64)
-            }
-            fn visit_u64<E>(self, v: u64) -> Result<f64, E> {
-                Ok(v as f64)
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<f64, E> {
-                match v {
-                    "NaN" | "nan" => Ok(f64::NAN),
-                    "Infinity" | "inf" | "+Infinity" => Ok(f64::INFINITY),
-                    "-Infinity" | "-inf" => Ok(f64::NEG_INFINITY),
-                    _ => v
-                        .strip_prefix("f64:")
-                        .filter(|h| h.len() == 16)
-                        .and_then(|h| u64::from_str_radix(h, 16).ok())
-                        .map(f64::from_bits)
-                        .ok_or_else(|| E::invalid_value(de::Unexpected::Str(v), &self)),
-                }
-            }
-        }
-        d.deserialize_any(F)
-    }
-}
-
-/// JSON form of ints: an `i64`. A whole number outside the i64 range is reported as such
-/// (serde_json reads an integer too large for `u64` as a float, which would otherwise be
-/// reported as "floating point `1e+20`"); a number with a fraction is a wrong type.
-mod json_i64 {
-    use serde::de::{self, Visitor};
-    use serde::Deserializer;
-    use std::fmt;
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
-        struct I;
-        impl Visitor<'_> for I {
-            type Value = i64;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("i64")
-            }
-            fn visit_i64<E>(self, v: i64) -> Result<i64, E> {
-                Ok(v)
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<i64, E> {
-                i64::try_from(v)
-                    .map_err(|_| E::custom(format_args!("integer {v} is outside the i64 range")))
-            }
-            fn visit_f64<E: de::Error>(self, v: f64) -> Result<i64, E> {
-                // Only integers beyond u64 reach here as whole numbers that are out of range;
-                // serde_json keeps the rest as i64/u64.
-                if v.is_finite()
-                    && v.fract() == 0.0
-                    && !(-9.223_372_036_854_776e18..9.223_372_036_854_776e18).contains(&v)
-                {
-                    Err(E::custom(format_args!(
-                        "integer {v:e} is outside the i64 range"
-                    )))
-                } else {
-                    Err(E::invalid_type(de::Unexpected::Float(v), &self))
-                }
-            }
-        }
-        d.deserialize_any(I)
     }
 }
 
