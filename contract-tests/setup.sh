@@ -4,7 +4,8 @@
 # The venv lives under target/ so `cargo clean` removes it and it is never committed.
 # Upstream modules are fetched from PyPI at pinned versions; nothing of theirs is copied
 # into this repository (numpy, scipy and scikit-learn are there for Dynamo's planner
-# regression models, see python/planner.py). Pure-Python wheels that would drag in heavy dependencies
+# regression models, see python/planner.py; prometheus_client for the engine-metrics stand-in,
+# interop/engine_metrics.py). Pure-Python wheels that would drag in heavy dependencies
 # (ai-dynamo, sglang) are fetched with `pip download --no-deps` and only the single
 # module file each test needs is loaded from the wheel (see python/upstream.py).
 #
@@ -15,7 +16,7 @@ set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${FPM_VENV:-$repo/target/fpm-venv}"
 wheels="$venv/wheels"
-stamp="$venv/.fpm-setup-v2"
+stamp="$venv/.fpm-setup-v3"
 
 if [[ -f "$stamp" && -x "$venv/bin/python" ]]; then
   echo "$venv/bin/python"
@@ -38,7 +39,8 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
   "ai-dynamo-runtime==1.6.1" \
   "numpy==2.4.6" \
   "scipy==1.17.1" \
-  "scikit-learn==1.9.1" >&2
+  "scikit-learn==1.9.1" \
+  "prometheus_client==0.23.1" >&2
 mkdir -p "$wheels"
 "${pip[@]}" download --no-deps -d "$wheels" "ai-dynamo==1.6.1" "sglang==0.5.23" >&2
 touch "$stamp"

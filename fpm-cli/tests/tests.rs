@@ -1245,6 +1245,75 @@ mod relay_trust {
         );
     }
 
+    /// `fpm relay --engine-metrics URL` listening where `DYN_SYSTEM_PORT` says (no
+    /// `--metrics-addr`): one scrape shows the relay's metrics and the engine's `sglang:`
+    /// families, not its others; a bad URL is one line at start-up, exit 1.
+    #[test]
+    fn engine_metrics_on_the_dyn_system_port() {
+        let nats = fpm_testkit::NatsServer::start();
+        let engine = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let engine_url = format!("http://{}/metrics", engine.local_addr().unwrap());
+        std::thread::spawn(move || {
+            for s in engine.incoming() {
+                let Ok(mut s) = s else { break };
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf);
+                let body = "# HELP sglang:num_queue_reqs Queued.\n# TYPE sglang:num_queue_reqs gauge\nsglang:num_queue_reqs{model_name=\"m\"} 4.0\n# HELP python_info Python.\n# TYPE python_info gauge\npython_info{version=\"3.11\"} 1.0\n";
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        let port = free_port();
+        let zmq_port = free_port();
+        let mut cmd = relay_cmd();
+        cmd.env("DYN_SYSTEM_PORT", port.to_string())
+            .env("FPM_ENGINE_METRICS", &engine_url)
+            .args(["-q", "--nats-url", &nats.url()])
+            .args(["--zmq-endpoint", &format!("tcp://127.0.0.1:{zmq_port}")]);
+        let _r = Running::spawn(&mut cmd);
+        let addr = format!("127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let text = loop {
+            if std::net::TcpStream::connect(&addr).is_ok() {
+                break http_get(&addr, "/metrics");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nothing on DYN_SYSTEM_PORT {port}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert_eq!(
+            sample(&text, "sglang:num_queue_reqs{model_name=\"m\"}"),
+            Some(4.0),
+            "{text}"
+        );
+        assert!(text.contains("fpm_relay_received_messages_total"), "{text}");
+        assert!(!text.contains("python_info"), "{text}");
+
+        let out = relay_cmd()
+            .args([
+                "--nats-url",
+                &nats.url(),
+                "--zmq-endpoint",
+                "tcp://127.0.0.1:5",
+            ])
+            .args(["--engine-metrics", "https://127.0.0.1:1/metrics"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{err}");
+        assert!(
+            lines[0].contains("https://127.0.0.1:1/metrics") && lines[0].contains("http://"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn a_16_mib_frame_is_refused_counted_and_traffic_goes_on() {
         let nats = fpm_testkit::NatsServer::start();

@@ -56,6 +56,15 @@ pub struct RelayConfig {
     /// How long an HTTP client may take to send its request before the connection is closed
     /// (so idle connections cannot hold the slots).
     pub http_read_timeout: Duration,
+    /// The engines' own Prometheus endpoints (`http://HOST:PORT/metrics`), fetched on every
+    /// scrape of `/metrics` and appended after the relay's metrics (see
+    /// [`RelayConfig::engine_metrics_prefixes`]).
+    pub engine_metrics: Vec<String>,
+    /// Families of the engines' metrics that are passed through: those whose names start
+    /// with one of these (default `sglang:`, `vllm:`, `trtllm_`).
+    pub engine_metrics_prefixes: Vec<String>,
+    /// How long one scrape waits for the engines before answering without them.
+    pub engine_metrics_timeout: Duration,
     /// Fault injection for tests: the ZeroMQ input panics after reading this many
     /// messages. Never set in production.
     #[doc(hidden)]
@@ -88,6 +97,12 @@ impl RelayConfig {
             max_label_sets: crate::metrics::DEFAULT_MAX_LABEL_SETS,
             http_max_connections: 64,
             http_read_timeout: Duration::from_secs(5),
+            engine_metrics: Vec::new(),
+            engine_metrics_prefixes: crate::passthrough::DEFAULT_PREFIXES
+                .iter()
+                .map(|p| (*p).to_owned())
+                .collect(),
+            engine_metrics_timeout: Duration::from_secs(1),
             fault_panic_reader_after: None,
             on_data_thread_start: None,
         }

@@ -20,6 +20,14 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// An engine metrics URL cannot be used.
+    #[error("engine metrics URL {url:?} is not usable: {reason}")]
+    EngineMetricsUrl {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The same ZeroMQ endpoint was given twice.
     #[error("ZeroMQ endpoint {0:?} is given more than once")]
     DuplicateEndpoint(String),

@@ -35,17 +35,28 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 pub trait Status: Send + Sync + 'static {
     /// The OpenMetrics text for `/metrics`.
     fn metrics(&self) -> String;
+    /// The content type and body for a `/metrics` request with this `Accept` header (by
+    /// default the OpenMetrics text of [`Status::metrics`]).
+    fn scrape(
+        &self,
+        accept: Option<String>,
+    ) -> impl std::future::Future<Output = (&'static str, String)> + Send {
+        let _ = accept;
+        let text = self.metrics();
+        async move { (OPENMETRICS, text) }
+    }
     /// `(healthy, text)` for `/health` (503 when not healthy).
     fn health(&self) -> (bool, String);
     /// Called for each connection refused because all slots were busy (count it).
     fn rejected(&self);
 }
 
-/// What the relay's `/health` looks at.
+/// What the relay's `/health` looks at (and its `/metrics`, with the engines' families).
 #[derive(Debug, Clone)]
 pub(crate) struct Health {
     pub metrics: Arc<Metrics>,
     pub reader: Arc<ReaderState>,
+    pub passthrough: Option<Arc<crate::passthrough::Passthrough>>,
 }
 
 impl Health {
@@ -73,6 +84,13 @@ impl Health {
 impl Status for Health {
     fn metrics(&self) -> String {
         self.metrics.encode()
+    }
+    async fn scrape(&self, _accept: Option<String>) -> (&'static str, String) {
+        let own = self.metrics.encode();
+        match &self.passthrough {
+            Some(p) => p.render(own).await,
+            None => (OPENMETRICS, own),
+        }
     }
     fn health(&self) -> (bool, String) {
         self.report()
@@ -145,8 +163,17 @@ pub async fn serve<S: Status>(
         let health = health.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let r = route(&*health, req.method(), req.uri().path());
-                async move { Ok::<_, Infallible>(r) }
+                let health = health.clone();
+                async move {
+                    let accept = req
+                        .headers()
+                        .get(hyper::header::ACCEPT)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned);
+                    Ok::<_, Infallible>(
+                        route(&*health, req.method(), req.uri().path(), accept).await,
+                    )
+                }
             });
             let _ = tokio::time::timeout(
                 limits.read_timeout + WRITE_TIMEOUT,
@@ -186,7 +213,12 @@ fn reply(status: StatusCode, ctype: &'static str, body: String) -> Response<Full
 }
 
 /// The answer to one request (hyper leaves the body out for HEAD).
-fn route<S: Status>(health: &S, method: &Method, path: &str) -> Response<Full<Bytes>> {
+async fn route<S: Status>(
+    health: &S,
+    method: &Method,
+    path: &str,
+    accept: Option<String>,
+) -> Response<Full<Bytes>> {
     if method != Method::GET && method != Method::HEAD {
         return reply(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -195,7 +227,10 @@ fn route<S: Status>(health: &S, method: &Method, path: &str) -> Response<Full<By
         );
     }
     match path {
-        "/metrics" => reply(StatusCode::OK, OPENMETRICS, health.metrics()),
+        "/metrics" => {
+            let (ctype, body) = health.scrape(accept).await;
+            reply(StatusCode::OK, ctype, body)
+        }
         "/live" => reply(StatusCode::OK, "text/plain", "live\n".to_owned()),
         "/health" => match health.health() {
             (true, text) => reply(StatusCode::OK, "text/plain", text),

@@ -18,7 +18,9 @@
 //! - Invalid messages are counted by reason and never stop the relay; counter-frame gaps
 //!   (lost upstream) and resets (engine restarts) are counted per endpoint.
 //! - Neither the engine nor NATS has to be up first; both reconnect forever.
-//! - Prometheus metrics, `/health` and `/live` are served on an optional address.
+//! - Prometheus metrics, `/health` and `/live` are served on an optional address; with
+//!   `engine_metrics`, the engines' own Prometheus families (`sglang:`, `vllm:`, `trtllm_`)
+//!   are fetched on every scrape and served after the relay's, as Dynamo's workers do.
 //! - With a discovery directory (Dynamo's `DYN_FILE_KV`), the relay keeps Dynamo's
 //!   EventChannel record alive and removes it on shutdown.
 //!
@@ -48,6 +50,7 @@ pub mod http;
 mod ingest;
 mod metrics;
 pub mod nats;
+mod passthrough;
 mod publish;
 mod relay;
 mod zmtp;

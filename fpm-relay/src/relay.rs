@@ -232,6 +232,12 @@ async fn check_config(config: &RelayConfig) -> Result<FpmSubject, Error> {
     if config.buffer.max_messages == 0 || config.buffer.max_bytes == 0 {
         return Err(Error::Config("the buffer limits must be above 0".into()));
     }
+    for url in &config.engine_metrics {
+        crate::passthrough::check_url(url).map_err(|reason| Error::EngineMetricsUrl {
+            url: url.clone(),
+            reason,
+        })?;
+    }
     if config.http_max_connections == 0 {
         return Err(Error::Config(
             "the HTTP connection cap must be above 0".into(),
@@ -373,10 +379,23 @@ impl Relay {
     /// directory that cannot be written.
     pub async fn start(config: RelayConfig, shutdown: CancellationToken) -> Result<Relay, Error> {
         let subject = check_config(&config).await?;
-        let metrics = Arc::new(Metrics::with_inputs(
-            &config.zmq_endpoints,
-            config.max_label_sets,
-        ));
+        let mut metrics = Metrics::with_inputs(&config.zmq_endpoints, config.max_label_sets);
+        let passthrough = if config.engine_metrics.is_empty() {
+            None
+        } else {
+            let p = crate::passthrough::Passthrough::new(
+                &config.engine_metrics,
+                &config.engine_metrics_prefixes,
+                config.engine_metrics_timeout,
+                &mut metrics.registry,
+            )
+            .map_err(|reason| Error::EngineMetricsUrl {
+                url: config.engine_metrics.join(","),
+                reason,
+            })?;
+            Some(Arc::new(p))
+        };
+        let metrics = Arc::new(metrics);
         let conn = Arc::new(Conn::default());
         let sink = prepare_sink(&config, &metrics, &conn).await?;
         let listener = bind_metrics(config.metrics_addr).await?;
@@ -423,6 +442,7 @@ impl Relay {
             let health = http::Health {
                 metrics: metrics.clone(),
                 reader: reader.clone(),
+                passthrough,
             };
             let limits = http::Limits {
                 max_connections: config.http_max_connections,

@@ -1646,3 +1646,258 @@ mod trust {
         assert_eq!(s.http_rejected, 6, "{s:?}");
     }
 }
+
+mod engine_metrics {
+    //! Issue 14: the relay's `/metrics` carries the engine's own Prometheus families.
+    use std::io::{BufRead, BufReader};
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use fpm_testkit::{NatsServer, Prometheus};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use crate::common::*;
+
+    /// `interop/engine_metrics.py`: prometheus_client in multiprocess mode, as SGLang runs it.
+    struct PyEngine {
+        child: Child,
+        url: String,
+    }
+
+    impl PyEngine {
+        fn start() -> Option<Self> {
+            let py = fpm_testkit::python()?;
+            let mut child = Command::new(py)
+                .arg(fpm_testkit::repo_root().join("interop/engine_metrics.py"))
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("spawn python");
+            let mut line = String::new();
+            BufReader::new(child.stdout.take().unwrap())
+                .read_line(&mut line)
+                .unwrap();
+            let v: serde_json::Value = serde_json::from_str(&line).expect("port line");
+            let url = format!("http://127.0.0.1:{}/metrics", v["port"]);
+            Some(PyEngine { child, url })
+        }
+    }
+
+    impl Drop for PyEngine {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// A server that accepts and never answers.
+    async fn slow_engine() -> String {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/metrics", l.local_addr().unwrap());
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                held.push(s);
+            }
+        });
+        url
+    }
+
+    /// A server that answers 200 with `body` (and `ctype`) to every request.
+    async fn fixed_engine(ctype: &'static str, body: Vec<u8>) -> String {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/metrics", l.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let body = body.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = s.read(&mut buf).await;
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = s.write_all(head.as_bytes()).await;
+                    let _ = s.write_all(&body).await;
+                });
+            }
+        });
+        url
+    }
+
+    fn errors(text: &str, url: &str, reason: &str) -> f64 {
+        sample(
+            text,
+            &format!("fpm_relay_engine_scrape_errors_total{{url=\"{url}\",reason=\"{reason}\"}}"),
+        )
+        .unwrap_or(-1.0)
+    }
+
+    /// Python prometheus_client (multiprocess, `sglang:` families and one unrelated family),
+    /// an engine that is down, one that never answers, one that answers garbage and one that
+    /// answers OpenMetrics regardless: one scrape of the relay returns its own metrics and
+    /// the engines' `sglang:` families, within the timeout, valid for a real Prometheus,
+    /// which then answers PromQL for both; every failure is counted by URL and reason.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn engine_families_pass_through_to_a_real_prometheus() {
+        let Some(engine) = PyEngine::start() else {
+            return;
+        };
+        let nats = NatsServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let ep = fpm_testkit::ipc_base(dir.path(), "pt") + ".0";
+        let down = format!("http://127.0.0.1:{}/metrics", free_port());
+        let slow = slow_engine().await;
+        let garbage = fixed_engine(
+            "text/plain",
+            b"<html>\x00\x01 not metrics {{{</html>".to_vec(),
+        )
+        .await;
+        let om = fixed_engine(
+            "application/openmetrics-text; version=1.0.0",
+            b"# HELP vllm:num_requests_running Running.\n# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{model_name=\"v\"} 2.0\n# HELP vllm:generation_tokens Tokens.\n# TYPE vllm:generation_tokens counter\nvllm:generation_tokens_total{model_name=\"v\"} 7.0\nvllm:generation_tokens_created{model_name=\"v\"} 1.7e9\n# EOF\n".to_vec(),
+        )
+        .await;
+        let urls = vec![
+            engine.url.clone(),
+            down.clone(),
+            slow.clone(),
+            garbage.clone(),
+            om.clone(),
+        ];
+        let mut engine_zmq = Engine::bind(&ep);
+        let (relay, token) = start(vec![ep], &nats.url(), |c| {
+            c.metrics_addr = Some("127.0.0.1:0".parse().unwrap());
+            c.engine_metrics = urls.clone();
+            c.engine_metrics_timeout = Duration::from_millis(300);
+        })
+        .await;
+        engine_zmq.warm_up(&relay, "w").await;
+        let addr = relay.metrics_addr().unwrap();
+
+        let t = Instant::now();
+        let text = http_raw(
+            addr,
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5\r\n\r\n",
+        )
+        .await;
+        let took = t.elapsed();
+        assert!(
+            took < Duration::from_secs(2),
+            "a slow engine delayed the scrape by {took:?}"
+        );
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(text.contains("text/plain; version=0.0.4"), "{text}");
+        let (_, body) = text.split_once("\r\n\r\n").unwrap();
+        // The relay's own, in the text format.
+        assert!(
+            body.contains("# TYPE fpm_relay_received_messages_total counter"),
+            "{body}"
+        );
+        assert!(sample(body, "fpm_relay_received_messages_total").unwrap() >= 1.0);
+        assert!(!body.contains("# EOF"), "{body}");
+        // The engines' families, unchanged; the unrelated one filtered out.
+        assert!(
+            body.contains("# TYPE sglang:num_running_reqs gauge"),
+            "{body}"
+        );
+        assert_eq!(
+            sample(body, "sglang:num_running_reqs{model_name=\"m\"}"),
+            Some(3.0)
+        );
+        assert!(sample(body, "sglang:prompt_tokens_total{model_name=\"m\"}").unwrap() >= 42.0);
+        assert!(body.contains(
+            "sglang:e2e_request_latency_seconds_bucket{le=\"+Inf\",model_name=\"m\"} 1.0"
+        ));
+        assert!(!body.contains("unrelated_requests"), "{body}");
+        // The OpenMetrics engine, rewritten to the text format.
+        assert!(
+            body.contains("# TYPE vllm:generation_tokens_total counter"),
+            "{body}"
+        );
+        assert_eq!(
+            sample(body, "vllm:generation_tokens_total{model_name=\"v\"}"),
+            Some(7.0)
+        );
+        assert!(!body.contains("_created"), "{body}");
+        // Every family once.
+        for l in body.lines().filter(|l| l.starts_with("# TYPE ")) {
+            assert_eq!(body.matches(&format!("{l}\n")).count(), 1, "{l}");
+        }
+        // Failures by URL and reason; the engine that works has none.
+        let after = http_get(addr, "/metrics").await.1;
+        assert!(errors(&after, &down, "connect") >= 1.0, "{after}");
+        assert!(errors(&after, &slow, "timeout") >= 1.0, "{after}");
+        assert!(errors(&after, &garbage, "malformed") >= 1.0, "{after}");
+        for r in [
+            "connect",
+            "timeout",
+            "status",
+            "too_large",
+            "malformed",
+            "duplicate",
+        ] {
+            assert_eq!(errors(&after, &engine.url, r), 0.0, "{r}: {after}");
+        }
+        let slow_took = sample(
+            &after,
+            &format!("fpm_relay_engine_scrape_duration_seconds{{url=\"{slow}\"}}"),
+        )
+        .unwrap();
+        assert!((0.25..1.5).contains(&slow_took), "{slow_took}");
+
+        // A real Prometheus scraping the relay: the engine's series and the relay's.
+        if let Some(prom) = Prometheus::start(&addr.to_string()) {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let a = prom.query("sglang:prompt_tokens_total");
+                let b = prom.query("fpm_relay_received_messages_total");
+                let c = prom.query("vllm:num_requests_running");
+                if [&a, &b, &c].iter().all(|r| r.contains("\"value\"")) {
+                    assert!(a.contains("\"model_name\":\"m\""), "{a}");
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "no series in Prometheus: {a} {b} {c}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            let up = prom.query("up");
+            assert!(up.contains("\"1\"]"), "the scrape failed: {up}");
+            let none = prom.query("unrelated_requests_total");
+            assert!(!none.contains("\"value\""), "{none}");
+        }
+        let s = shut_down(relay, &token).await;
+        assert_eq!(s.received, s.published, "{s:?}");
+    }
+
+    /// Without engines, `/metrics` stays OpenMetrics; a bad engine URL is a start-up error.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn without_engines_openmetrics_and_bad_urls_fail_at_start() {
+        let nats = NatsServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let ep = fpm_testkit::ipc_base(dir.path(), "pt2") + ".0";
+        let (relay, token) = start(vec![ep.clone()], &nats.url(), |c| {
+            c.metrics_addr = Some("127.0.0.1:0".parse().unwrap());
+        })
+        .await;
+        let text = http_raw(
+            relay.metrics_addr().unwrap(),
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+        )
+        .await;
+        assert!(text.contains("application/openmetrics-text"), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        shut_down(relay, &token).await;
+        for bad in ["https://127.0.0.1:1/metrics", "127.0.0.1:30000/metrics"] {
+            let mut c = fpm_relay::RelayConfig::new(vec![ep.clone()]);
+            c.nats.url = nats.url();
+            c.engine_metrics = vec![bad.into()];
+            let e = fpm_relay::Relay::start(c, tokio_util::sync::CancellationToken::new())
+                .await
+                .unwrap_err();
+            assert!(e.to_string().contains(bad), "{e}");
+        }
+    }
+}

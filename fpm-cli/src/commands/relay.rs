@@ -101,6 +101,31 @@ pub struct RelayArgs {
     /// 127.0.0.1:$DYN_SYSTEM_PORT when that is set, else 127.0.0.1:9091.
     #[arg(long, env = "FPM_METRICS_ADDR", value_name = "ADDR|off")]
     pub metrics_addr: Option<String>,
+    /// The engine's own Prometheus endpoint (e.g. SGLang's http://127.0.0.1:30000/metrics);
+    /// repeatable or comma-separated. Fetched on every scrape of /metrics: its families
+    /// named with an allowed prefix are served after the relay's, so one scrape per worker
+    /// sees both (as Dynamo's workers serve `dynamo_*` and the engine's metrics together).
+    #[arg(
+        long,
+        env = "FPM_ENGINE_METRICS",
+        value_name = "URL",
+        value_delimiter = ','
+    )]
+    pub engine_metrics: Vec<String>,
+    /// Which of the engine's families pass through: names starting with one of these
+    /// (repeatable or comma-separated).
+    #[arg(
+        long,
+        env = "FPM_ENGINE_METRICS_PREFIX",
+        value_name = "PREFIX",
+        value_delimiter = ',',
+        default_value = "sglang:,vllm:,trtllm_"
+    )]
+    pub engine_metrics_prefix: Vec<String>,
+    /// How long a scrape of /metrics waits for the engines before answering without them
+    /// (counted in fpm_relay_engine_scrape_errors_total{reason="timeout"}).
+    #[arg(long, env = "FPM_ENGINE_METRICS_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    pub engine_metrics_timeout: Duration,
     /// Dynamo file-discovery root: write the EventChannel record there (refreshed every 3 s,
     /// removed on shutdown). Not needed by Dynamo's subscriber in recv or tracking mode.
     #[arg(long, env = "DYN_FILE_KV", value_name = "DIR")]
@@ -180,6 +205,22 @@ impl RelayArgs {
             .discovery_dir
             .clone()
             .filter(|d| !d.as_os_str().is_empty());
+        c.engine_metrics = self
+            .engine_metrics
+            .iter()
+            .map(|u| u.trim().to_owned())
+            .filter(|u| !u.is_empty())
+            .collect();
+        c.engine_metrics_prefixes = self
+            .engine_metrics_prefix
+            .iter()
+            .map(|p| p.trim().to_owned())
+            .filter(|p| !p.is_empty())
+            .collect();
+        c.engine_metrics_timeout = self.engine_metrics_timeout;
+        if !c.engine_metrics.is_empty() && c.metrics_addr.is_none() {
+            bail!("--engine-metrics needs /metrics: drop --metrics-addr off");
+        }
         if self.zmq_rcvhwm.is_some() {
             tracing::warn!("--zmq-rcvhwm has no effect any more: the relay's buffer (--buffer-messages, --buffer-bytes) bounds what waits");
         }
