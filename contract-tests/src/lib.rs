@@ -10,7 +10,7 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use fpm_schema::{ForwardPassMetrics, QueuedRequestMetrics, ScheduledRequestMetrics};
+use fpm_schema::ForwardPassMetrics;
 use rand::{Rng, RngExt};
 use serde_json::{json, Value};
 
@@ -290,75 +290,68 @@ fn rand_string(r: &mut impl Rng) -> String {
 
 /// A random version-1 message.
 pub fn random_message(r: &mut impl Rng) -> ForwardPassMetrics {
-    ForwardPassMetrics {
-        version: 1,
-        worker_id: rand_string(r),
-        dp_rank: rand_i64(r),
-        counter_id: rand_i64(r),
-        wall_time: rand_f64(r),
-        scheduled_requests: ScheduledRequestMetrics {
-            num_prefill_requests: rand_i64(r),
-            sum_prefill_tokens: rand_i64(r),
-            var_prefill_length: rand_f64(r),
-            sum_prefill_kv_tokens: rand_i64(r),
-            num_decode_requests: rand_i64(r),
-            sum_decode_kv_tokens: rand_i64(r),
-            var_decode_kv_tokens: rand_f64(r),
-        },
-        queued_requests: QueuedRequestMetrics {
-            num_prefill_requests: rand_i64(r),
-            sum_prefill_tokens: rand_i64(r),
-            var_prefill_length: rand_f64(r),
-            num_decode_requests: rand_i64(r),
-            sum_decode_kv_tokens: rand_i64(r),
-            var_decode_kv_tokens: rand_f64(r),
-        },
+    let mut v = value_to_json(&ForwardPassMetrics::default());
+    for (path, ty) in leaves() {
+        let slot = leaf_mut(&mut v, &path);
+        *slot = match ty {
+            "int" if path == ["version"] => json!(1),
+            "int" => json!(rand_i64(r)),
+            "float" => f64_json(rand_f64(r)),
+            _ => json!(rand_string(r)),
+        };
     }
+    value_from_json(&v)
 }
 
-fn set_int(m: &mut ForwardPassMetrics, field: usize, v: i64) {
-    let (s, q) = (&mut m.scheduled_requests, &mut m.queued_requests);
-    match field {
-        0 => m.dp_rank = v,
-        1 => m.counter_id = v,
-        2 => s.num_prefill_requests = v,
-        3 => s.sum_prefill_tokens = v,
-        4 => s.sum_prefill_kv_tokens = v,
-        5 => s.num_decode_requests = v,
-        6 => s.sum_decode_kv_tokens = v,
-        7 => q.num_prefill_requests = v,
-        8 => q.sum_prefill_tokens = v,
-        9 => q.num_decode_requests = v,
-        _ => q.sum_decode_kv_tokens = v,
+/// Every leaf field of a message by the field table: its path and its type (`int`, `float`,
+/// `str`), in declaration order.
+pub fn leaves() -> Vec<(Vec<&'static str>, &'static str)> {
+    fn walk(name: &str, prefix: &[&'static str], out: &mut Vec<(Vec<&'static str>, &'static str)>) {
+        for (field, ty) in schema_fields(name) {
+            let mut path = prefix.to_vec();
+            path.push(field);
+            match *ty {
+                "int" | "float" | "str" => out.push((path, ty)),
+                nested => walk(nested, &path, out),
+            }
+        }
     }
+    let mut out = Vec::new();
+    walk("ForwardPassMetrics", &[], &mut out);
+    out
 }
 
-fn set_float(m: &mut ForwardPassMetrics, field: usize, v: f64) {
-    match field {
-        0 => m.wall_time = v,
-        1 => m.scheduled_requests.var_prefill_length = v,
-        2 => m.scheduled_requests.var_decode_kv_tokens = v,
-        3 => m.queued_requests.var_prefill_length = v,
-        _ => m.queued_requests.var_decode_kv_tokens = v,
-    }
+fn leaf_mut<'a>(v: &'a mut Value, path: &[&str]) -> &'a mut Value {
+    path.iter()
+        .fold(v, |v, k| v.get_mut(*k).expect("a field of the table"))
+}
+
+/// A default message with the leaf at `path` set to `value` (its JSON VALUE form).
+fn with_leaf(path: &[&str], value: Value) -> ForwardPassMetrics {
+    let mut v = value_to_json(&ForwardPassMetrics::default());
+    *leaf_mut(&mut v, path) = value;
+    value_from_json(&v)
 }
 
 /// The boundary cases: every int boundary in every int field, every float edge in every
 /// float field, and worker ids of every string-size boundary, non-ASCII included.
 pub fn boundary_messages() -> Vec<(String, ForwardPassMetrics)> {
     let mut out = Vec::new();
-    for field in 0..11 {
-        for &b in &INT_BOUNDARIES {
-            let mut m = ForwardPassMetrics::default();
-            set_int(&mut m, field, b);
-            out.push((format!("int-field{field}-{b}"), m));
-        }
-    }
-    for field in 0..5 {
-        for &f in &FLOAT_EDGES {
-            let mut m = ForwardPassMetrics::default();
-            set_float(&mut m, field, f);
-            out.push((format!("float-field{field}-{f:e}"), m));
+    for (path, ty) in leaves() {
+        let at = path.join(".");
+        match ty {
+            "int" if path == ["version"] => {}
+            "int" => {
+                for &b in &INT_BOUNDARIES {
+                    out.push((format!("int-{at}-{b}"), with_leaf(&path, json!(b))));
+                }
+            }
+            "float" => {
+                for &f in &FLOAT_EDGES {
+                    out.push((format!("float-{at}-{f:e}"), with_leaf(&path, f64_json(f))));
+                }
+            }
+            _ => {}
         }
     }
     for len in [0usize, 1, 31, 32, 255, 256, 1000, 65535 - 500] {

@@ -257,14 +257,12 @@ impl Prometheus {
 
     /// Runs an instant PromQL query; returns the JSON response body.
     pub fn query(&self, promql: &str) -> String {
-        let mut q = String::new();
-        for b in promql.bytes() {
-            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                q.push(b as char);
-            } else {
-                q.push_str(&format!("%{b:02X}"));
-            }
-        }
+        const QUERY: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+            .remove(b'-')
+            .remove(b'_')
+            .remove(b'.')
+            .remove(b'~');
+        let q = percent_encoding::utf8_percent_encode(promql, QUERY).to_string();
         match http_get(&self.addr, &format!("/api/v1/query?query={q}")) {
             Ok((200, body)) => body,
             other => panic!("query {promql:?} failed: {other:?}"),
