@@ -46,6 +46,8 @@ struct Submission {
     reserved: bool,
     /// False for an iteration without segments (published with `wall_time` 0, as upstream).
     timed: bool,
+    /// A wall time the engine measured itself ([`Emitter::submit_measured`]).
+    measured: Option<f64>,
     scheduled: ScheduledRequestMetrics,
     queued: QueuedRequestMetrics,
 }
@@ -371,6 +373,34 @@ impl Emitter {
         scheduled: ScheduledRequestMetrics,
         queued: QueuedRequestMetrics,
     ) -> Option<DropReason> {
+        self.submit_with(scheduled, queued, None)
+    }
+
+    /// Like [`Emitter::submit`], for an engine that timed the iteration itself (SGLang's and
+    /// Dynamo's vLLM publishers hand over finished messages): `wall_time` (seconds) is
+    /// published as given, and the current iteration's segments, if any, are discarded.
+    #[inline]
+    pub fn submit_measured(
+        &mut self,
+        wall_time: f64,
+        scheduled: ScheduledRequestMetrics,
+        queued: QueuedRequestMetrics,
+    ) -> Option<DropReason> {
+        if let Some(cur) = self.current.take() {
+            if cur.reserved {
+                self.clock.release(cur.span);
+            }
+        }
+        self.submit_with(scheduled, queued, Some(wall_time))
+    }
+
+    #[inline]
+    fn submit_with(
+        &mut self,
+        scheduled: ScheduledRequestMetrics,
+        queued: QueuedRequestMetrics,
+        measured: Option<f64>,
+    ) -> Option<DropReason> {
         let cur = self.current.take().unwrap_or(Current {
             span: Span::default(),
             reserved: false,
@@ -407,6 +437,7 @@ impl Emitter {
             span: cur.span,
             reserved: cur.reserved,
             timed: matches!(cur.state, SpanState::Started { .. }),
+            measured,
             scheduled,
             queued,
         };
@@ -575,7 +606,9 @@ impl Publisher {
     /// Publishes the completed iterations at the head of the queue, in order.
     fn publish_ready(&mut self) {
         while let Some(sub) = self.pending.front().copied() {
-            let wall_time: Result<f64, TimingError> = if sub.timed {
+            let wall_time: Result<f64, TimingError> = if let Some(w) = sub.measured {
+                Ok(w)
+            } else if sub.timed {
                 match self.clock.poll(&sub.span) {
                     TimingPoll::Pending => {
                         self.backoff = (self.backoff * 2).min(self.max_poll_interval);

@@ -132,6 +132,49 @@ impl IterationClock for ManualClock {
 mod logic {
     use super::*;
 
+    /// An engine that measured the iteration itself: its wall time is published as given,
+    /// in counter order with timed iterations, and a begun iteration's span is released.
+    #[test]
+    fn submit_measured_publishes_the_engines_wall_time() {
+        let (clock, t, mut e) = manual_emitter(config());
+        e.begin_iteration();
+        e.time_segment(stream_id(1), || ());
+        assert_eq!(
+            e.submit_measured(0.0125, batch(2), QueuedRequestMetrics::default()),
+            None
+        );
+        assert_eq!(
+            clock.released.load(Ordering::Relaxed),
+            1,
+            "the begun span went back"
+        );
+        e.time_segment(stream_id(1), || ());
+        assert_eq!(e.submit(batch(1), QueuedRequestMetrics::default()), None);
+        clock.complete(1);
+        assert_eq!(
+            e.submit_measured(f64::NAN, batch(0), QueuedRequestMetrics::default()),
+            None
+        );
+        assert!(wait_until(Duration::from_secs(5), || t.sent().len() == 3));
+        let got: Vec<_> = t
+            .sent()
+            .iter()
+            .map(|m| decode(&m.payload).unwrap())
+            .collect();
+        assert_eq!(
+            got.iter().map(|m| m.counter_id).collect::<Vec<_>>(),
+            [0, 1, 2]
+        );
+        assert_eq!(got[0].wall_time, 0.0125);
+        assert_eq!(got[0].scheduled_requests.num_decode_requests, 2);
+        assert_eq!(
+            got[1].wall_time, 0.002,
+            "the clock's time for the timed one"
+        );
+        assert!(got[2].wall_time.is_nan(), "passed through as given");
+        e.shutdown(Duration::from_secs(1));
+    }
+
     #[test]
     fn publishes_every_iteration_with_contiguous_counters() {
         let t = MemoryTransport::new();
