@@ -5,7 +5,7 @@
 # Upstream modules are fetched from PyPI at pinned versions; nothing of theirs is copied
 # into this repository (numpy, scipy and scikit-learn are there for Dynamo's planner
 # regression models, see python/planner.py; prometheus_client for the engine-metrics stand-in,
-# interop/engine_metrics.py). Pure-Python wheels that would drag in heavy dependencies
+# interop/engine_metrics.py; pytest for the Python package's tests, fpm-py/tests). Pure-Python wheels that would drag in heavy dependencies
 # (ai-dynamo, sglang) are fetched with `pip download --no-deps` and only the single
 # module file each test needs is loaded from the wheel (see python/upstream.py).
 #
@@ -16,7 +16,7 @@ set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${FPM_VENV:-$repo/target/fpm-venv}"
 wheels="$venv/wheels"
-stamp="$venv/.fpm-setup-v3"
+stamp="$venv/.fpm-setup-v4"
 
 if [[ -f "$stamp" && -x "$venv/bin/python" ]]; then
   echo "$venv/bin/python"
@@ -40,7 +40,8 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
   "numpy==2.4.6" \
   "scipy==1.17.1" \
   "scikit-learn==1.9.1" \
-  "prometheus_client==0.23.1" >&2
+  "prometheus_client==0.23.1" \
+  "pytest==8.4.2" >&2
 mkdir -p "$wheels"
 "${pip[@]}" download --no-deps -d "$wheels" "ai-dynamo==1.6.1" "sglang==0.5.23" >&2
 touch "$stamp"

@@ -32,3 +32,9 @@ fi
 
 echo "==> doc tests"
 cargo test --workspace --doc
+
+echo "==> the Python package (fpm-py: built with maturin into the contract venv) and its pytest suite"
+py="$(bash contract-tests/setup.sh)"
+"$py" -m pip install --disable-pip-version-check -q ./fpm-py
+cargo build -q -p fpm-cli
+"$py" -m pytest -q fpm-py/tests
