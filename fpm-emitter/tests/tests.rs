@@ -1,8 +1,6 @@
 //! Integration tests of the emitter: in-memory transport for the logic, real ZeroMQ sockets,
 //! real upstream Python peers, and (ignored unless a GPU is present) CUDA timing.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -12,33 +10,8 @@ use fpm_emitter::*;
 use fpm_schema::{decode, QueuedRequestMetrics, ScheduledRequestMetrics, ScheduledRequestsBuilder};
 
 /// Counts heap allocations made by threads that opted in (the test's scheduler thread).
-struct CountingAlloc;
-
-thread_local! {
-    static COUNTING: Cell<bool> = const { Cell::new(false) };
-}
-static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
-
-unsafe impl GlobalAlloc for CountingAlloc {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if COUNTING.try_with(|c| c.get()).unwrap_or(false) {
-            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        }
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if COUNTING.try_with(|c| c.get()).unwrap_or(false) {
-            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        }
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: CountingAlloc = CountingAlloc;
+static GLOBAL: fpm_testkit::CountingAlloc = fpm_testkit::CountingAlloc;
 
 fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + timeout;
@@ -411,16 +384,16 @@ mod logic {
             e.submit(sched, QueuedRequestMetrics::default());
         }
         std::thread::sleep(Duration::from_millis(20));
-        ALLOCATIONS.store(0, Ordering::Relaxed);
-        COUNTING.with(|c| c.set(true));
+        let before = fpm_testkit::CountingAlloc::allocations();
+        fpm_testkit::CountingAlloc::count_this_thread(true);
         for _ in 0..10_000 {
             e.begin_iteration();
             e.segment_start(stream_id(0));
             e.segment_end(stream_id(0));
             e.submit(sched, QueuedRequestMetrics::default());
         }
-        COUNTING.with(|c| c.set(false));
-        let allocs = ALLOCATIONS.load(Ordering::Relaxed);
+        fpm_testkit::CountingAlloc::count_this_thread(false);
+        let allocs = fpm_testkit::CountingAlloc::allocations() - before;
         e.shutdown(Duration::from_secs(2));
         assert_eq!(
             allocs, 0,

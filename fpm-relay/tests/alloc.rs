@@ -4,39 +4,11 @@
 
 mod common;
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use fpm_testkit::NatsServer;
+use fpm_testkit::{CountingAlloc, NatsServer};
 
 use crate::common::*;
-
-struct CountingAlloc;
-
-thread_local! {
-    static COUNTING: Cell<bool> = const { Cell::new(false) };
-}
-static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
-
-unsafe impl GlobalAlloc for CountingAlloc {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if COUNTING.try_with(Cell::get).unwrap_or(false) {
-            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        }
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if COUNTING.try_with(Cell::get).unwrap_or(false) {
-            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        }
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
 
 #[global_allocator]
 static GLOBAL: CountingAlloc = CountingAlloc;
@@ -49,16 +21,16 @@ async fn the_data_path_allocates_nothing_per_message() {
     let mut engine = Engine::bind(&ep);
     let mut sub = subscribe(&nats.url(), SUBJECT).await;
     let (relay, token) = start(vec![ep], &nats.url(), |c| {
-        c.on_data_thread_start = Some(|| COUNTING.with(|c| c.set(true)));
+        c.on_data_thread_start = Some(|| CountingAlloc::count_this_thread(true));
     })
     .await;
     engine.warm_up(&relay, "w").await;
     assert!(
-        ALLOCATIONS.load(Ordering::Relaxed) > 0,
+        CountingAlloc::allocations() > 0,
         "the data thread is counted"
     );
     let before = relay.stats();
-    let allocations = ALLOCATIONS.load(Ordering::Relaxed);
+    let allocations = CountingAlloc::allocations();
     // One at a time (a wake-up per message, as at low rates) and in bursts.
     let n = 20_000u64;
     for i in 0..n {
@@ -71,7 +43,7 @@ async fn the_data_path_allocates_nothing_per_message() {
         relay.stats().published == before.published + n
     })
     .await;
-    let per_message = (ALLOCATIONS.load(Ordering::Relaxed) - allocations) as f64 / n as f64;
+    let per_message = (CountingAlloc::allocations() - allocations) as f64 / n as f64;
     let got = collect(
         &mut sub,
         (before.published + n) as usize,

@@ -14,6 +14,54 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+/// A global allocator that counts the allocations (and reallocations) of the threads that
+/// opted in with [`CountingAlloc::count_this_thread`]; a test binary installs it with
+/// `#[global_allocator] static A: fpm_testkit::CountingAlloc = fpm_testkit::CountingAlloc;`.
+#[derive(Debug)]
+pub struct CountingAlloc;
+
+thread_local! {
+    static COUNTING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+static ALLOCATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+impl CountingAlloc {
+    /// Starts (or stops) counting the calling thread's allocations.
+    pub fn count_this_thread(on: bool) {
+        COUNTING.with(|c| c.set(on));
+    }
+
+    /// Allocations counted so far, over all opted-in threads.
+    pub fn allocations() -> u64 {
+        ALLOCATIONS.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn counted() {
+        if COUNTING.try_with(std::cell::Cell::get).unwrap_or(false) {
+            ALLOCATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+// SAFETY: forwards every call to the system allocator unchanged; counting touches only a
+// thread-local flag (without allocating) and an atomic.
+unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        Self::counted();
+        // SAFETY: the caller's contract, passed on.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        Self::counted();
+        // SAFETY: the caller's contract, passed on.
+        unsafe { std::alloc::System.realloc(ptr, layout, new_size) }
+    }
+}
+
 /// The repository root.
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
