@@ -6,6 +6,8 @@
 //! the iteration is dropped and counted). Only `Emitter(...)` (binding the socket) and
 //! `shutdown` wait, and they release the GIL while they do.
 
+mod planner;
+
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -362,5 +364,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(drop_reasons, m)?)?;
     m.add_function(wrap_pyfunction!(field_names, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    planner::register(m)?;
     Ok(())
 }

@@ -6,6 +6,6 @@ CUDA). ``fpm.sglang`` and ``fpm.vllm`` hold drop-in replacements for the engines
 ``_FpmPublisherThread``: an engine switches by changing one import.
 """
 
-from fpm._native import Emitter, __version__, drop_reasons
+from fpm._native import Emitter, Subscriber, __version__, drop_reasons
 
-__all__ = ["Emitter", "drop_reasons", "__version__"]
+__all__ = ["Emitter", "Subscriber", "drop_reasons", "__version__"]
