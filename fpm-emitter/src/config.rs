@@ -146,6 +146,11 @@ pub struct EmitterConfig {
     pub first_subscriber_wait: Duration,
 }
 
+/// Most iterations the submission queue can hold (2^20: its slots are allocated up front).
+pub const MAX_QUEUE_CAPACITY: usize = 1 << 20;
+/// Longest wait or interval accepted in a configuration (a day).
+const MAX_WAIT: Duration = Duration::from_secs(86_400);
+
 impl EmitterConfig {
     /// Defaults for everything but the endpoint and identity.
     pub fn new(endpoint: Endpoint, worker_id: impl Into<String>, dp_rank: u32) -> Self {
@@ -184,10 +189,16 @@ impl EmitterConfig {
     }
 
     pub(crate) fn validate(&self) -> Result<(), EmitterError> {
-        if self.queue_capacity == 0 {
-            return Err(EmitterError::Config(
-                "queue capacity must be at least 1".into(),
-            ));
+        if self.first_subscriber_wait > MAX_WAIT || self.heartbeat_interval > MAX_WAIT {
+            return Err(EmitterError::Config(format!(
+                "the first-subscriber wait and the heartbeat interval must be at most {MAX_WAIT:?}"
+            )));
+        }
+        if self.queue_capacity == 0 || self.queue_capacity > MAX_QUEUE_CAPACITY {
+            return Err(EmitterError::Config(format!(
+                "queue capacity must be 1 to {MAX_QUEUE_CAPACITY} (its slots are allocated up front), got {}",
+                self.queue_capacity
+            )));
         }
         if self.heartbeat_interval.is_zero() {
             return Err(EmitterError::Config(

@@ -497,7 +497,12 @@ impl Emitter {
             }
         }
         if let Ok(mut d) = self.shared.deadline.lock() {
-            *d = Some(Instant::now() + timeout);
+            // A timeout too large for the clock means "no deadline" in practice.
+            let now = Instant::now();
+            *d = Some(
+                now.checked_add(timeout)
+                    .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365)),
+            );
         }
         self.tx = None;
         if let Some(t) = self.thread.take() {

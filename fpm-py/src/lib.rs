@@ -152,6 +152,33 @@ impl PyEmitter {
             None => Err(PyRuntimeError::new_err("the emitter was shut down")),
         }
     }
+
+    /// For `submit`/`publish`, which an engine may still call while another thread shuts the
+    /// emitter down: after shutdown they return `"shutdown"` rather than raise into the
+    /// scheduler loop.
+    fn hot(
+        &self,
+        f: impl FnOnce(&mut fpm_emitter::Emitter) -> Option<&'static str>,
+    ) -> Option<&'static str> {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        match g.as_mut() {
+            Some(e) => f(e),
+            None => Some("shutdown"),
+        }
+    }
+}
+
+impl Drop for PyEmitter {
+    /// An emitter collected without `shutdown()` stops on a thread of its own, so that the
+    /// interpreter (which holds the GIL here) does not wait for it.
+    fn drop(&mut self) {
+        let taken = self.inner.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(e) = taken {
+            let _ = std::thread::Builder::new()
+                .name("fpm-emitter-drop".into())
+                .spawn(move || drop(e));
+        }
+    }
 }
 
 fn stream(handle: u64) -> StreamHandle {
@@ -183,7 +210,7 @@ impl PyEmitter {
         worker_id: &str,
         dp_rank: i64,
         clock: &str,
-        queue_size: Option<usize>,
+        queue_size: Option<i64>,
         send_hwm: Option<i32>,
         heartbeat_interval: Option<f64>,
         cuda_device: Option<u32>,
@@ -209,18 +236,29 @@ impl PyEmitter {
         };
         let mut config = EmitterConfig::new(ep, worker_id, dp_rank).with_clock(clock);
         if let Some(n) = queue_size {
+            let n = usize::try_from(n).ok().filter(|n| *n >= 1).ok_or_else(|| {
+                PyValueError::new_err(format!("queue_size must be at least 1, got {n}"))
+            })?;
             config = config.with_queue_capacity(n);
         }
         if let Some(h) = send_hwm {
+            if h < 0 {
+                return Err(PyValueError::new_err(format!(
+                    "send_hwm must be 0 (no limit) or more, got {h}"
+                )));
+            }
             config.send_hwm = h;
         }
         if let Some(s) = heartbeat_interval {
-            if !(s.is_finite() && s > 0.0) {
-                return Err(PyValueError::new_err(format!(
-                    "heartbeat_interval must be a positive number of seconds, got {s}"
-                )));
-            }
-            config = config.with_heartbeat_interval(Duration::from_secs_f64(s));
+            let d = Duration::try_from_secs_f64(s)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| {
+                    PyValueError::new_err(format!(
+                        "heartbeat_interval must be a positive number of seconds, got {s}"
+                    ))
+                })?;
+            config = config.with_heartbeat_interval(d);
         }
         config.cuda_device = cuda_device;
         let e = py
@@ -251,7 +289,9 @@ impl PyEmitter {
     }
 
     /// Marks the start of a forward segment on `stream` (a raw CUDA stream handle, e.g.
-    /// `torch.cuda.current_stream().cuda_stream`; 0 for the default stream).
+    /// `torch.cuda.current_stream().cuda_stream`; 0 for the default stream). With the CUDA
+    /// clock the handle goes to the driver as is: it must be a live stream of this process
+    /// (a made-up number is undefined behaviour there, as in any CUDA call).
     fn segment_start(&self, stream: u64) -> PyResult<()> {
         self.with(|e| e.segment_start(self::stream(stream)))
     }
@@ -278,7 +318,7 @@ impl PyEmitter {
             Some(q) => queued_of(q)?,
             None => QueuedRequestMetrics::default(),
         };
-        self.with(|e| reason_str(e.submit(s, q)))
+        Ok(self.hot(|e| reason_str(e.submit(s, q))))
     }
 
     /// Hands over a finished `ForwardPassMetrics` (SGLang's or Dynamo's msgspec struct, or
@@ -299,7 +339,7 @@ impl PyEmitter {
             Some(q) => queued_of(&q)?,
             None => QueuedRequestMetrics::default(),
         };
-        self.with(|e| reason_str(e.submit_measured(wall, s, q)))
+        Ok(self.hot(|e| reason_str(e.submit_measured(wall, s, q))))
     }
 
     /// Whether the engine is idle: while idle and nothing is published, an all-zero
@@ -315,20 +355,20 @@ impl PyEmitter {
     }
 
     /// Publishes what completes within `timeout` seconds, closes the socket and returns the
-    /// final counters (what did not make it is counted as dropped). A second call returns
-    /// the same counters.
+    /// final counters (what did not make it is counted as dropped). A second call raises
+    /// `RuntimeError`.
     #[pyo3(signature = (timeout=1.0))]
     fn shutdown<'py>(&self, py: Python<'py>, timeout: f64) -> PyResult<Bound<'py, PyDict>> {
-        if !(timeout.is_finite() && timeout >= 0.0) {
-            return Err(PyValueError::new_err(format!(
+        let timeout = Duration::try_from_secs_f64(timeout).map_err(|_| {
+            PyValueError::new_err(format!(
                 "timeout must be a non-negative number of seconds, got {timeout}"
-            )));
-        }
+            ))
+        })?;
         let taken = self.inner.lock().unwrap_or_else(|e| e.into_inner()).take();
         let Some(e) = taken else {
             return Err(PyRuntimeError::new_err("the emitter was already shut down"));
         };
-        let stats = py.detach(move || e.shutdown(Duration::from_secs_f64(timeout)));
+        let stats = py.detach(move || e.shutdown(timeout));
         stats_dict(py, &stats)
     }
 

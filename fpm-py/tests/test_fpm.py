@@ -205,10 +205,25 @@ def test_bad_arguments_raise_clear_exceptions(tmp_ipc):
     assert e.stats()["submitted"] == 0
     final = e.shutdown(1.0)
     assert final["submitted"] == 0
+    # The hot path never raises into the scheduler loop: after shutdown it says so.
+    assert e.submit() == "shutdown"
+    assert e.publish({"wall_time": 0.1}) == "shutdown"
     with pytest.raises(RuntimeError, match="shut down"):
-        e.submit()
+        e.begin_iteration()
     with pytest.raises(RuntimeError, match="already shut down"):
         e.shutdown()
+    with pytest.raises(ValueError, match="queue_size"):
+        fpm.Emitter(f"ipc://{tmp_ipc}/q", "w", 0, queue_size=-1)
+    with pytest.raises(ValueError, match="queue capacity"):
+        fpm.Emitter(f"ipc://{tmp_ipc}/q", "w", 0, queue_size=10**10)
+    with pytest.raises(ValueError, match="heartbeat"):
+        fpm.Emitter(f"ipc://{tmp_ipc}/q", "w", 0, heartbeat_interval=1e20)
+    with pytest.raises(ValueError, match="send_hwm"):
+        fpm.Emitter(f"ipc://{tmp_ipc}/q", "w", 0, send_hwm=-5)
+    big = fpm.Emitter(f"ipc://{tmp_ipc}/q", "w", 0, clock="cpu")
+    with pytest.raises(ValueError, match="timeout"):
+        big.shutdown(1e300)
+    assert big.shutdown(1e12)["submitted"] == 0, "a huge timeout is no panic"
 
 
 def test_drop_reasons_match_stats(tmp_ipc):

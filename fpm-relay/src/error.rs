@@ -107,8 +107,8 @@ pub enum Error {
         /// The OS error.
         error: std::io::Error,
     },
-    /// A stage of the running relay died (an input task or the data thread); the relay
-    /// stopped itself.
+    /// A stage of the running relay died (an input task, the publisher or the data thread);
+    /// [`crate::Relay::finish`] returns it once the owner has shut the relay down.
     #[error("the relay stopped because its ZeroMQ reader died ({0}): restart it")]
     ReaderDied(String),
     /// The configuration is inconsistent.

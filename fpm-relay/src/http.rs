@@ -107,6 +107,9 @@ pub struct Limits {
     pub max_connections: usize,
     /// How long a client may take to send its request.
     pub read_timeout: Duration,
+    /// How long making an answer may take (the engine-metrics timeout, when engines are
+    /// fetched on every scrape); added to the connection's time budget.
+    pub render_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -114,6 +117,7 @@ impl Default for Limits {
         Limits {
             max_connections: 64,
             read_timeout: Duration::from_secs(5),
+            render_timeout: Duration::ZERO,
         }
     }
 }
@@ -176,7 +180,7 @@ pub async fn serve<S: Status>(
                 }
             });
             let _ = tokio::time::timeout(
-                limits.read_timeout + WRITE_TIMEOUT,
+                limits.read_timeout + limits.render_timeout + WRITE_TIMEOUT,
                 connection(stream, svc, limits.read_timeout),
             )
             .await;

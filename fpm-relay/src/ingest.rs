@@ -33,6 +33,8 @@ const STALE_AFTER: Duration = Duration::from_secs(5);
 /// First wait before connecting again, doubled up to [`RETRY_MAX`].
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_millis(500);
+/// How long writing a PONG may take before the connection is dropped.
+const PONG_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long the greeting and READY exchange may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Free space kept in the read buffer before each read (one read takes all that arrived,
@@ -311,6 +313,10 @@ struct Input<'a> {
     msg: ForwardPassMetrics,
     /// Payloads are copied here, densely, so what waits in the buffer holds no read buffer.
     arena: BytesMut,
+    /// The current connection got through the handshake.
+    subscribed: bool,
+    /// Messages read on the current connection.
+    delivered: u64,
 }
 
 /// Reads one endpoint until `cx.cancel` fires: connects, reads, and connects again whenever
@@ -326,17 +332,26 @@ pub(crate) async fn run(index: usize, endpoint: String, cx: Arc<ReaderContext>) 
         log: LogLimiter::default(),
         msg: ForwardPassMetrics::default(),
         arena: BytesMut::new(),
+        subscribed: false,
+        delivered: 0,
     };
     let mut buf = BytesMut::with_capacity(CHUNK);
     let mut wait = RETRY_MIN;
     let mut last_warning: Option<Instant> = None;
     loop {
+        input.subscribed = false;
+        input.delivered = 0;
         let ended = tokio::select! {
             biased;
             () = cx.cancel.cancelled() => Ended::Cancelled,
             e = input.connection(&target, &mut buf) => e,
         };
         buf.clear();
+        // A connection that got through the handshake ends the back-off: an engine that
+        // restarts is connected to again within the first retry interval.
+        if input.subscribed {
+            wait = RETRY_MIN;
+        }
         match ended {
             Ended::Cancelled => return,
             Ended::Violation(e) => {
@@ -349,11 +364,14 @@ pub(crate) async fn run(index: usize, endpoint: String, cx: Arc<ReaderContext>) 
                     cx.metrics.invalid(reason);
                     input.log.invalid(reason, &endpoint);
                     debug!(endpoint = %endpoint, error = %e, "engine connection dropped; connecting again");
-                    wait = RETRY_MIN;
-                    continue;
+                    // At once after a connection that carried messages; a peer that breaks
+                    // every connection before its first message is retried with back-off.
+                    if input.delivered > 0 {
+                        continue;
+                    }
                 }
                 // A handshake refused: not a PUB, wrong security, not ZeroMQ at all.
-                if last_warning.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
+                else if last_warning.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
                     warn!(endpoint = %endpoint, error = %e, "cannot subscribe to this endpoint (retrying; logged at most every 10 s)");
                     last_warning = Some(Instant::now());
                 }
@@ -384,10 +402,18 @@ impl Input<'_> {
                 Ok(s) => self.session(s, buf).await,
                 Err(e) => Ended::Closed(e),
             },
-            Target::Abstract(name) => match connect_abstract(name) {
-                Ok(s) => self.session(s, buf).await,
-                Err(e) => Ended::Closed(e),
-            },
+            Target::Abstract(name) => {
+                // std's connect blocks (a full backlog): off the data thread.
+                let name = name.clone();
+                match tokio::task::spawn_blocking(move || connect_abstract(&name)).await {
+                    Ok(Ok(s)) => match tokio::net::UnixStream::from_std(s) {
+                        Ok(s) => self.session(s, buf).await,
+                        Err(e) => Ended::Closed(e),
+                    },
+                    Ok(Err(e)) => Ended::Closed(e),
+                    Err(e) => Ended::Closed(std::io::Error::other(e)),
+                }
+            }
         };
         r
     }
@@ -408,6 +434,7 @@ impl Input<'_> {
             }
         }
         debug!(endpoint = %self.endpoint, "subscribed");
+        self.subscribed = true;
         let max_message = self.cx.decoder.max_size().saturating_add(FRAME_SLACK);
         loop {
             // Everything that has arrived, message by message.
@@ -415,6 +442,7 @@ impl Input<'_> {
                 match zmtp::next(buf, max_message) {
                     Ok(Some(Unit::Message { len, frames })) => {
                         let (slices, n) = frames.slices(&buf[..len]);
+                        self.delivered += 1;
                         self.message(&slices[..n]);
                         buf.advance(len);
                     }
@@ -422,8 +450,18 @@ impl Input<'_> {
                         if &buf[name] == b"PING" {
                             // PING: a 2-byte TTL, then the context to echo.
                             let ctx = buf.get(body.start + 2..body.end).unwrap_or_default();
-                            if let Err(e) = s.write_all(&zmtp::pong(ctx)).await {
-                                return Ended::Closed(e);
+                            // A peer that pings and never reads must not stall this input.
+                            match tokio::time::timeout(PONG_TIMEOUT, s.write_all(&zmtp::pong(ctx)))
+                                .await
+                            {
+                                Ok(Ok(())) => {}
+                                Ok(Err(e)) => return Ended::Closed(e),
+                                Err(_) => {
+                                    return Ended::Closed(std::io::Error::new(
+                                        std::io::ErrorKind::TimedOut,
+                                        "the engine does not read its PONGs",
+                                    ))
+                                }
                             }
                         }
                         buf.advance(len);
@@ -525,12 +563,12 @@ pub(crate) fn copy_into(arena: &mut BytesMut, data: &[u8]) -> Bytes {
     arena.split().freeze()
 }
 
-fn connect_abstract(name: &[u8]) -> std::io::Result<tokio::net::UnixStream> {
+fn connect_abstract(name: &[u8]) -> std::io::Result<std::os::unix::net::UnixStream> {
     use std::os::linux::net::SocketAddrExt;
     let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
     let s = std::os::unix::net::UnixStream::connect_addr(&addr)?;
     s.set_nonblocking(true)?;
-    tokio::net::UnixStream::from_std(s)
+    Ok(s)
 }
 
 /// Greeting, READY both ways, then the subscription to everything. Leaves in `buf` whatever
@@ -565,10 +603,10 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
                 buf.advance(len);
                 return Ok(());
             }
-            Ok(Some(Unit::Message { .. })) | Err(ProtocolError::Oversized { .. }) => {
+            // Anything but a command here is a broken handshake (not a message to count).
+            Ok(Some(Unit::Message { .. })) | Err(_) => {
                 return Err(Ended::Violation(ProtocolError::BadHandshake))
             }
-            Err(e) => return Err(Ended::Violation(e)),
             Ok(None) => {
                 if s.read_buf(buf).await.map_err(io)? == 0 {
                     return Err(Ended::Closed(std::io::Error::new(
@@ -722,6 +760,34 @@ mod tests {
             }
             let decodes = fpm_schema::decode(&p).is_ok();
             proptest::prop_assert_eq!(check(&frames(p), &d).is_ok(), decodes);
+        }
+    }
+
+    /// Whatever follows a good greeting where READY should be, the handshake fails as a
+    /// refused handshake (retried with back-off), never as a counted message.
+    #[tokio::test]
+    async fn a_broken_ready_is_a_refused_handshake() {
+        for after in [
+            &[0x40u8, 0][..],
+            &[0x04, 0],
+            &[0x05, 1, 0],
+            &[0x00, 1, 7],
+            &[0x06, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff],
+        ] {
+            let (mut ours, mut theirs) = tokio::io::duplex(4096);
+            let mut bytes = zmtp::greeting().to_vec();
+            bytes.extend_from_slice(after);
+            theirs.write_all(&bytes).await.unwrap();
+            let mut buf = BytesMut::new();
+            match handshake(&mut ours, &mut buf).await {
+                Err(Ended::Violation(e)) => {
+                    assert!(!e.mid_stream(), "{after:?}: {e}");
+                    assert_eq!(e, ProtocolError::BadHandshake, "{after:?}");
+                }
+                Err(Ended::Closed(e)) => panic!("{after:?}: closed: {e}"),
+                Err(Ended::Cancelled) => panic!("cancelled"),
+                Ok(()) => panic!("{after:?}: accepted"),
+            }
         }
     }
 

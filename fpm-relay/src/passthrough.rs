@@ -105,6 +105,9 @@ pub(crate) struct Passthrough {
     targets: Vec<Arc<Target>>,
     prefixes: Vec<String>,
     timeout: Duration,
+    /// One scrape of the engines at a time: concurrent `/metrics` requests wait their turn,
+    /// so at most one set of engine answers is held in memory.
+    one_at_a_time: tokio::sync::Mutex<()>,
 }
 
 /// Checks one engine metrics URL: `http://HOST:PORT/PATH`.
@@ -172,12 +175,14 @@ impl Passthrough {
             targets,
             prefixes: prefixes.to_vec(),
             timeout,
+            one_at_a_time: tokio::sync::Mutex::new(()),
         })
     }
 
     /// The relay's own metrics (`own`, OpenMetrics text) in the text format 0.0.4 with the
     /// engines' families appended; returns the content type and the body.
     pub async fn render(&self, own: String) -> (&'static str, String) {
+        let _turn = self.one_at_a_time.lock().await;
         let mut set = tokio::task::JoinSet::new();
         for (i, t) in self.targets.iter().enumerate() {
             let (t, timeout) = (t.clone(), self.timeout);
@@ -270,7 +275,7 @@ async fn fetch(t: &Target, accept: &str) -> Result<(bool, String), Reason> {
         })?
         .to_bytes();
     conn.abort();
-    let text = String::from_utf8(body.to_vec()).map_err(|_| Reason::Malformed)?;
+    let text = String::from_utf8(Vec::from(body)).map_err(|_| Reason::Malformed)?;
     Ok((om, text))
 }
 
@@ -356,11 +361,7 @@ impl Families {
                 continue;
             }
             // Without the exemplar (OpenMetrics only) when answering the text format.
-            let kept = if om {
-                line
-            } else {
-                line.split_once(" # ").map_or(line, |(s, _)| s)
-            };
+            let kept = if om { line } else { without_exemplar(line) };
             let key = kept.rsplit_once(' ').map_or(kept, |(k, _)| k);
             if !self.samples_seen.insert(key.to_owned()) {
                 dups += 1;
@@ -434,7 +435,7 @@ fn valid_exposition(body: &str) -> bool {
         if line.trim().is_empty() || line.starts_with('#') {
             return true;
         }
-        let line = line.split_once(" # ").map_or(line, |(s, _)| s);
+        let line = without_exemplar(line);
         let name = sample_name(line);
         if !is_name(name) {
             return false;
@@ -451,6 +452,25 @@ fn valid_exposition(body: &str) -> bool {
         let ts_ok = fields.next().is_none_or(is_number);
         value_ok && ts_ok && fields.next().is_none()
     })
+}
+
+/// A sample line without its OpenMetrics exemplar (` # {...} value`): the ` # ` is looked for
+/// only after the label set, whose quoted values may hold `#`, spaces and braces.
+fn without_exemplar(line: &str) -> &str {
+    let name = sample_name(line);
+    let rest = &line[name.len()..];
+    let after_labels = match rest.strip_prefix('{') {
+        Some(labels) => match skip_labels(labels) {
+            Some(after) => after,
+            None => return line,
+        },
+        None => rest,
+    };
+    let start = line.len() - after_labels.len();
+    match after_labels.find(" # ") {
+        Some(i) => &line[..start + i],
+        None => line,
+    }
 }
 
 /// Checks `l="v",...}` and returns what follows the `}`.
@@ -530,7 +550,7 @@ pub(crate) fn openmetrics_to_text(om: &str) -> String {
         if line.starts_with('#') {
             continue;
         }
-        let sample = line.split_once(" # ").map_or(line, |(s, _)| s);
+        let sample = without_exemplar(line);
         if sample_name(sample).ends_with("_created") {
             continue;
         }
@@ -587,6 +607,30 @@ mod tests {
         let mut out = String::new();
         f.write(&mut out);
         assert!(out.is_empty(), "{out}");
+    }
+
+    /// Label values may hold ` # `, spaces and braces (a worker id from the wire): they are
+    /// not exemplars, and the line stays whole.
+    #[test]
+    fn hashes_inside_label_values_are_not_exemplars() {
+        let line =
+            "fpm_relay_input_received_messages_total{worker_id=\"a # b {x}\",dp_rank=\"0\"} 3";
+        assert_eq!(without_exemplar(line), line);
+        assert!(valid_exposition(line));
+        let om = format!("# TYPE fpm_relay_input_received_messages counter\n{line}\n# EOF\n");
+        assert!(openmetrics_to_text(&om).contains(line));
+        let with = "x_total{a=\"# \"} 1 # {trace_id=\"t\"} 1";
+        assert_eq!(without_exemplar(with), "x_total{a=\"# \"} 1");
+        let mut f = Families::default();
+        f.add(
+            &format!("{line}\n"),
+            &["fpm_".to_owned()],
+            &HashSet::new(),
+            false,
+        );
+        let mut out = String::new();
+        f.write(&mut out);
+        assert_eq!(out, format!("{line}\n"));
     }
 
     #[test]
@@ -657,7 +701,7 @@ mod tests {
         /// Whatever an engine sends, filtering never panics, and what it keeps is itself
         /// valid exposition text made of the engine's own lines.
         #[test]
-        fn arbitrary_engine_text(lines in proptest::collection::vec("(# (HELP|TYPE|UNIT) )?(sglang:|vllm:|x)[a-z_]{0,6}(\\{[a-z]{1,3}=\"[a-z\\\\\"]{0,4}\"\\})? ?[0-9.eE+-]{0,5}", 0..20)) {
+        fn arbitrary_engine_text(lines in proptest::collection::vec("(# (HELP|TYPE|UNIT) )?(sglang:|vllm:|x)[a-z_]{0,6}(\\{[a-z]{1,3}=\"[a-z #{}\\\\\"]{0,4}\"\\})? ?[0-9.eE+-]{0,5}", 0..20)) {
             let body = lines.join("\n");
             let mut f = Families::default();
             if valid_exposition(&body) {

@@ -208,21 +208,46 @@ impl DataPath {
         };
         // The publisher is a task of its own rather than part of this (block_on) future: a
         // woken block_on future costs the runtime an extra poll of the driver per message.
-        let publishing = tokio::spawn(async move {
+        let mut publishing = tokio::spawn(async move {
             let mut publisher = publisher;
             publisher.run(&shutdown).await;
             publisher
         });
         tokio::spawn(beat);
-        supervise.await;
-        cx.state.ended(None);
-        let Ok(mut publisher) = publishing.await else {
-            return;
+        let mut supervise = std::pin::pin!(supervise);
+        // The publisher ends at shutdown, or earlier if it panics: then /health turns 503 and
+        // the owner is told, while the inputs go on (and the buffer's limits count what no
+        // longer leaves) until shutdown.
+        let (published, deadline) = tokio::select! {
+            () = &mut supervise => {
+                let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
+                (publishing.await, deadline)
+            }
+            r = &mut publishing => {
+                if let Err(e) = &r {
+                    let f = if e.is_panic() { "the NATS publisher panicked".to_owned() } else { e.to_string() };
+                    error!(reason = %f, "the NATS publisher died: nothing is published any more; /health reports it");
+                    cx.state.ended(Some(f));
+                    failed.cancel();
+                }
+                supervise.await;
+                (r, tokio::time::Instant::now() + self.shutdown_timeout)
+            }
         };
-        let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
-        publisher.drain(deadline).await;
+        cx.state.ended(None);
+        match published {
+            Ok(mut publisher) => publisher.drain(deadline).await,
+            Err(_) => {
+                let left = cx.buffer.clear();
+                cx.metrics
+                    .drop_msgs(crate::metrics::RelayDropReason::Shutdown, left);
+            }
+        }
     }
 }
+
+/// Largest payload limit accepted (a message is held whole while it is read).
+const MAX_PAYLOAD_LIMIT: usize = 64 << 20;
 
 /// The checks that need no network: limits, names, endpoints. Returns the subject.
 async fn check_config(config: &RelayConfig) -> Result<FpmSubject, Error> {
@@ -231,6 +256,23 @@ async fn check_config(config: &RelayConfig) -> Result<FpmSubject, Error> {
     }
     if config.buffer.max_messages == 0 || config.buffer.max_bytes == 0 {
         return Err(Error::Config("the buffer limits must be above 0".into()));
+    }
+    if config.max_payload == 0 || config.max_payload > MAX_PAYLOAD_LIMIT {
+        return Err(Error::Config(format!(
+            "the payload limit must be 1 to {MAX_PAYLOAD_LIMIT} bytes, got {}",
+            config.max_payload
+        )));
+    }
+    if config.max_payload > config.buffer.max_bytes {
+        return Err(Error::Config(format!(
+            "the payload limit ({}) is above the buffer's byte limit ({}): every such message would be dropped",
+            config.max_payload, config.buffer.max_bytes
+        )));
+    }
+    if !config.engine_metrics.is_empty() && config.engine_metrics_prefixes.is_empty() {
+        return Err(Error::Config(
+            "no engine metrics prefix: no engine family would pass through".into(),
+        ));
     }
     for url in &config.engine_metrics {
         crate::passthrough::check_url(url).map_err(|reason| Error::EngineMetricsUrl {
@@ -447,6 +489,11 @@ impl Relay {
             let limits = http::Limits {
                 max_connections: config.http_max_connections,
                 read_timeout: config.http_read_timeout,
+                render_timeout: if config.engine_metrics.is_empty() {
+                    Duration::ZERO
+                } else {
+                    config.engine_metrics_timeout
+                },
             };
             tokio::spawn(http::serve(
                 l,

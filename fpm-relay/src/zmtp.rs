@@ -258,7 +258,17 @@ pub(crate) fn next(buf: &[u8], max_message: usize) -> Result<Option<Unit>, Proto
             });
         }
         let start = pos + header;
-        let end = start + size as usize;
+        // `total` (which includes `size`) is within `max_message`, so this fits; checked all
+        // the same.
+        let Some(end) = usize::try_from(size)
+            .ok()
+            .and_then(|size| start.checked_add(size))
+        else {
+            return Err(ProtocolError::Oversized {
+                announced: total,
+                limit: max_message,
+            });
+        };
         if buf.len() < end {
             return Ok(None);
         }

@@ -84,6 +84,12 @@ mod relay {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn engine_started_after_relay_and_restarted_on_an_abstract_socket() {
+        let name = format!("ipc://@fpm-test-{}-{}", std::process::id(), free_port());
+        started_late_and_restarted(name).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn engine_started_after_relay_and_restarted_over_tcp() {
         started_late_and_restarted(format!("tcp://127.0.0.1:{}", free_port())).await;
     }
@@ -1165,6 +1171,43 @@ mod trust {
         });
         let (relay, token) = start(vec![ep.clone()], &nats.url(), |_| {}).await;
         assert_eq!(within(10, http).await.unwrap(), 3, "retried");
+        std::fs::remove_file(&path).unwrap();
+        // A ZeroMQ greeting, then broken framing where READY should be: a refused handshake
+        // (not a message), retried with back-off rather than in a tight loop.
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let bad_ready = tokio::spawn(async move {
+            let mut greeting = [0u8; 64];
+            greeting[0] = 0xff;
+            greeting[9] = 0x7f;
+            greeting[10] = 3;
+            greeting[12..16].copy_from_slice(b"NULL");
+            let started = std::time::Instant::now();
+            let mut n = 0u32;
+            while started.elapsed() < Duration::from_millis(1500) {
+                let Ok(Ok((mut s, _))) =
+                    tokio::time::timeout(Duration::from_millis(200), listener.accept()).await
+                else {
+                    continue;
+                };
+                n += 1;
+                let _ = s.write_all(&greeting).await;
+                let _ = s.write_all(&[0x40, 0]).await;
+                let mut sink = [0u8; 256];
+                let _ = tokio::time::timeout(Duration::from_millis(100), s.read(&mut sink)).await;
+            }
+            n
+        });
+        let attempts = within(10, bad_ready).await.unwrap();
+        eprintln!("DEBUG attempts={attempts} stats={:?}", relay.stats());
+        assert!(
+            (1..=8).contains(&attempts),
+            "{attempts} attempts in 1.5 s: no back-off?"
+        );
+        assert_eq!(
+            relay.stats().invalid.total(),
+            0,
+            "a handshake is not a message"
+        );
         std::fs::remove_file(&path).unwrap();
         // A SUB bound where a PUB should be: libzmq's own handshake, wrong socket type.
         let ctx = zmq::Context::new();

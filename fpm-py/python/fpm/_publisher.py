@@ -34,7 +34,10 @@ class Publisher:
         self._emitter.publish(metrics)
 
     def stats(self) -> dict:
-        """The emitter's counters (published, heartbeats, dropped by reason, ...)."""
+        """The emitter's counters (published, heartbeats, dropped by reason, ...); after
+        ``shutdown``, the final ones."""
+        if not self._running:
+            return self._final
         return self._emitter.stats()
 
     def shutdown(self) -> None:
