@@ -1198,7 +1198,6 @@ mod trust {
             n
         });
         let attempts = within(10, bad_ready).await.unwrap();
-        eprintln!("DEBUG attempts={attempts} stats={:?}", relay.stats());
         assert!(
             (1..=8).contains(&attempts),
             "{attempts} attempts in 1.5 s: no back-off?"
