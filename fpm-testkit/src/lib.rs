@@ -70,6 +70,21 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// The stamp `contract-tests/setup.sh` leaves in a venv it completed, read from the script
+/// itself (one place says which version of the venv is current).
+fn setup_stamp() -> String {
+    let script = std::fs::read_to_string(repo_root().join("contract-tests/setup.sh"))
+        .expect("contract-tests/setup.sh");
+    script
+        .lines()
+        .find_map(|l| {
+            let at = l.find(".fpm-setup-v")?;
+            let rest = &l[at..];
+            Some(rest[..rest.find('"').unwrap_or(rest.len())].to_owned())
+        })
+        .expect("a stamp line in contract-tests/setup.sh")
+}
+
 /// The venv's python if the venv exists (made by `contract-tests/setup.sh`).
 ///
 /// When it does not: panics if `FPM_REQUIRE_PYTHON=1` (CI), otherwise prints why the calling
@@ -79,7 +94,7 @@ pub fn python() -> Option<PathBuf> {
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join("target/fpm-venv"));
     let py = venv.join("bin/python");
-    if py.exists() && venv.join(".fpm-setup-v2").exists() {
+    if py.exists() && venv.join(setup_stamp()).exists() {
         return Some(py);
     }
     if std::env::var("FPM_REQUIRE_PYTHON").as_deref() == Ok("1") {
@@ -194,6 +209,15 @@ fn spawn(dir: &Path, port: Option<u16>) -> (Child, u16) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_setup_stamp_is_read_from_the_script() {
+        let stamp = super::setup_stamp();
+        assert!(
+            stamp.starts_with(".fpm-setup-v") && !stamp.contains('"'),
+            "{stamp}"
+        );
+    }
+
     use super::*;
 
     #[test]
