@@ -69,6 +69,10 @@ pub struct RelayConfig {
     /// messages. Never set in production.
     #[doc(hidden)]
     pub fault_panic_reader_after: Option<u64>,
+    /// Fault injection for tests: the NATS publisher panics after publishing this many
+    /// messages. Never set in production.
+    #[doc(hidden)]
+    pub fault_panic_publisher_after: Option<u64>,
     /// Called first thing on the relay's data thread (tests count its allocations).
     #[doc(hidden)]
     pub on_data_thread_start: Option<fn()>,
@@ -104,6 +108,7 @@ impl RelayConfig {
                 .collect(),
             engine_metrics_timeout: Duration::from_secs(1),
             fault_panic_reader_after: None,
+            fault_panic_publisher_after: None,
             on_data_thread_start: None,
         }
     }

@@ -128,6 +128,8 @@ pub(crate) struct Forwarder<S> {
     pub scratch: Vec<u8>,
     /// Envelopes handed to the NATS client share chunks of this (no allocation per message).
     pub arena: bytes::BytesMut,
+    /// Fault injection for tests: panic once this many messages were published.
+    pub panic_after: Option<u64>,
 }
 
 fn unix_ms() -> u64 {
@@ -161,6 +163,12 @@ impl<S: EventSink> Forwarder<S> {
                 self.metrics
                     .latency
                     .observe(item.received.elapsed().as_secs_f64());
+                if self.panic_after.is_some_and(|n| self.sequence >= n) {
+                    panic!(
+                        "fault injection: the publisher panics after {} messages",
+                        self.sequence
+                    );
+                }
             }
             Ok(Err(e)) => {
                 self.metrics.drop_msgs(RelayDropReason::PublishError, 1);
@@ -297,6 +305,7 @@ mod tests {
             sequence: 0,
             scratch: Vec::new(),
             arena: bytes::BytesMut::new(),
+            panic_after: None,
         }
     }
 

@@ -94,6 +94,7 @@ struct DataPath {
     shutdown_timeout: Duration,
     failed: CancellationToken,
     on_start: Option<fn()>,
+    panic_publisher_after: Option<u64>,
 }
 
 impl DataPath {
@@ -173,6 +174,7 @@ impl DataPath {
             sequence: 0,
             scratch: Vec::new(),
             arena: bytes::BytesMut::new(),
+            panic_after: self.panic_publisher_after,
         };
         let mut inputs = tokio::task::JoinSet::new();
         for (i, ep) in self.endpoints.into_iter().enumerate() {
@@ -467,6 +469,7 @@ impl Relay {
             shutdown_timeout: config.shutdown_timeout,
             failed: failed.clone(),
             on_start: config.on_data_thread_start,
+            panic_publisher_after: config.fault_panic_publisher_after,
         };
         let done = match data.start().await {
             Ok(done) => done,

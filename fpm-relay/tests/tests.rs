@@ -1573,6 +1573,57 @@ mod trust {
         shut_down(relay, &token).await;
     }
 
+    /// A publisher that dies: `/health` turns 503 and the owner is told, reading goes on, and
+    /// at shutdown what waited in the buffer is counted, so every message is accounted for.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dead_publisher_fails_health_and_everything_is_counted() {
+        let nats = NatsServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let ep = fpm_testkit::ipc_base(dir.path(), "deadpub") + ".0";
+        let mut engine = Engine::bind(&ep);
+        let (relay, token) = start(vec![ep.clone()], &nats.url(), |c| {
+            c.metrics_addr = Some("127.0.0.1:0".parse().unwrap());
+            c.fault_panic_publisher_after = Some(5);
+        })
+        .await;
+        let addr = relay.metrics_addr().unwrap();
+        within(10, async {
+            loop {
+                tokio::select! {
+                    () = relay.failed() => break,
+                    () = tokio::time::sleep(Duration::from_millis(20)) => engine.send_next("w"),
+                }
+            }
+        })
+        .await;
+        assert!(!relay.healthy());
+        let (code, body) = http_get(addr, "/health").await;
+        assert_eq!(code, 503, "{body}");
+        assert!(body.contains("publisher panicked"), "{body}");
+        // Reading goes on into the buffer.
+        let before = relay.stats().received;
+        for _ in 0..20 {
+            engine.send_next("w");
+        }
+        wait_for(Duration::from_secs(5), || {
+            relay.stats().received >= before + 20
+        })
+        .await;
+        token.cancel();
+        let s = within(10, relay.wait()).await;
+        assert_eq!(s.published, 5, "{s:?}");
+        assert!(
+            s.dropped_for(fpm_relay::RelayDropReason::Shutdown) >= 20,
+            "{s:?}"
+        );
+        assert_eq!(s.buffered, 0, "{s:?}");
+        assert_eq!(
+            s.received,
+            s.invalid.total() + s.published + s.dropped.total(),
+            "{s:?}"
+        );
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_dead_reader_fails_health_and_the_relay() {
         let nats = NatsServer::start();
@@ -1941,5 +1992,33 @@ mod engine_metrics {
                 .unwrap_err();
             assert!(e.to_string().contains(bad), "{e}");
         }
+        // Limits that cannot work are refused at start, each saying why.
+        let refused = |tweak: &dyn Fn(&mut fpm_relay::RelayConfig)| {
+            let mut c = fpm_relay::RelayConfig::new(vec![ep.clone()]);
+            c.nats.url = nats.url();
+            tweak(&mut c);
+            async move {
+                fpm_relay::Relay::start(c, tokio_util::sync::CancellationToken::new())
+                    .await
+                    .unwrap_err()
+                    .to_string()
+            }
+        };
+        let e = refused(&|c| c.max_payload = 0).await;
+        assert!(e.contains("payload limit"), "{e}");
+        let e = refused(&|c| c.max_payload = usize::MAX).await;
+        assert!(e.contains("payload limit"), "{e}");
+        let e = refused(&|c| {
+            c.max_payload = 1 << 20;
+            c.buffer.max_bytes = 1000;
+        })
+        .await;
+        assert!(e.contains("buffer's byte limit"), "{e}");
+        let e = refused(&|c| {
+            c.engine_metrics = vec!["http://127.0.0.1:1/metrics".into()];
+            c.engine_metrics_prefixes.clear();
+        })
+        .await;
+        assert!(e.contains("prefix"), "{e}");
     }
 }
