@@ -5,7 +5,8 @@
 //! Connections are retried forever (100 ms, backing off to 500 ms) until the engine binds,
 //! and again after it restarts. A frame over the size limit, or broken framing, is refused
 //! from its header: the connection is dropped, counted as one `oversized_frame` (or
-//! `protocol`) message, and made again at once.
+//! `protocol`) message, and made again (at once after a connection that carried messages,
+//! with the usual back-off otherwise).
 
 use std::collections::HashMap;
 use std::path::PathBuf;

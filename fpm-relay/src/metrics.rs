@@ -70,7 +70,7 @@ pub enum InvalidReason {
     UnsupportedVersion,
     /// A message whose frames announce more than the payload limit plus room for the
     /// other frames (1 KiB): refused from the frame header, before it is read or allocated.
-    /// The relay drops that connection, counts one message, and reconnects at once.
+    /// The relay drops that connection, counts one message, and reconnects.
     OversizedFrame,
     /// The engine's stream broke ZeroMQ's framing after the handshake (reserved flag bits,
     /// a command inside a message, a malformed command): the relay drops that connection,
