@@ -458,6 +458,11 @@ def test_subscriber_tracks_an_emitter_through_our_relay(nats_url, fpm_bin, tmp_i
     assert s["gaps"] == s["gap_messages"] == s["duplicates"] == s["restarts"] == s["missed_before_start"] == 0, s
     assert s["source"] == "dynamo/backend/generate" and s["stale"] is False
     latest = sub.latest()[("py-worker", 0)]
+    # The dict has exactly the upstream struct's fields, nested ones too (the binding lists
+    # them by hand: this is the check that keeps the list whole).
+    assert list(latest) == list(dynamo.ForwardPassMetrics.__struct_fields__)
+    assert list(latest["scheduled_requests"]) == list(dynamo.ScheduledRequestMetrics.__struct_fields__)
+    assert list(latest["queued_requests"]) == list(dynamo.QueuedRequestMetrics.__struct_fields__)
     assert latest["counter_id"] >= n - 1 and latest["worker_id"] == "py-worker"
     if latest["wall_time"]:  # not a trailing heartbeat
         assert latest["counter_id"] == n - 1 and latest["scheduled_requests"]["sum_prefill_tokens"] == n - 1
