@@ -1965,6 +1965,35 @@ mod engine_metrics {
         assert_eq!(s.received, s.published, "{s:?}");
     }
 
+    /// An engine timeout longer than the HTTP read and write budget: the scrape still gets an
+    /// answer (the relay's own metrics) once the timeout passes, rather than a closed
+    /// connection.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_long_engine_timeout_still_answers() {
+        let nats = NatsServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let ep = fpm_testkit::ipc_base(dir.path(), "pt3") + ".0";
+        let slow = slow_engine().await;
+        let (relay, token) = start(vec![ep], &nats.url(), |c| {
+            c.metrics_addr = Some("127.0.0.1:0".parse().unwrap());
+            c.http_read_timeout = Duration::from_millis(500);
+            c.engine_metrics = vec![slow.clone()];
+            c.engine_metrics_timeout = Duration::from_secs(6);
+        })
+        .await;
+        let text = http_raw_within(
+            relay.metrics_addr().unwrap(),
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+            Duration::from_secs(15),
+        )
+        .await;
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(text.contains("fpm_relay_received_messages_total"), "{text}");
+        let after = relay.metrics_text();
+        assert_eq!(errors(&after, &slow, "timeout"), 1.0, "{after}");
+        shut_down(relay, &token).await;
+    }
+
     /// Without engines, `/metrics` stays OpenMetrics; a bad engine URL is a start-up error.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn without_engines_openmetrics_and_bad_urls_fail_at_start() {

@@ -271,6 +271,11 @@ pub fn collect_all_envelopes(got: &[Got]) -> Vec<(u64, u64, u64)> {
 /// A minimal HTTP GET; returns (status code, body).
 /// Sends `request` as is and returns everything the server answered before closing.
 pub async fn http_raw(addr: SocketAddr, request: &[u8]) -> String {
+    http_raw_within(addr, request, Duration::from_secs(5)).await
+}
+
+/// Like [`http_raw`], waiting at most `limit` for the whole answer.
+pub async fn http_raw_within(addr: SocketAddr, request: &[u8], limit: Duration) -> String {
     let fut = async {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
         s.write_all(request).await.unwrap();
@@ -278,7 +283,7 @@ pub async fn http_raw(addr: SocketAddr, request: &[u8]) -> String {
         let _ = s.read_to_end(&mut buf).await;
         String::from_utf8_lossy(&buf).into_owned()
     };
-    tokio::time::timeout(Duration::from_secs(5), fut)
+    tokio::time::timeout(limit, fut)
         .await
         .expect("http in time")
 }
