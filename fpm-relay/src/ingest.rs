@@ -492,9 +492,11 @@ impl Input<'_> {
         let cx = self.cx;
         let received = Instant::now();
         cx.metrics.received.inc();
-        let read = cx.read.fetch_add(1, Ordering::Relaxed) + 1;
-        if cx.panic_after.is_some_and(|n| read >= n) {
-            panic!("fault injection: the ZeroMQ reader panics after {read} messages");
+        if let Some(n) = cx.panic_after {
+            let read = cx.read.fetch_add(1, Ordering::Relaxed) + 1;
+            if read >= n {
+                panic!("fault injection: the ZeroMQ reader panics after {read} messages");
+            }
         }
         let counter = match validate(frames, &cx.decoder, &mut self.msg) {
             Err(reason) => {

@@ -1587,15 +1587,7 @@ mod trust {
         })
         .await;
         let addr = relay.metrics_addr().unwrap();
-        within(10, async {
-            loop {
-                tokio::select! {
-                    () = relay.failed() => break,
-                    () = tokio::time::sleep(Duration::from_millis(20)) => engine.send_next("w"),
-                }
-            }
-        })
-        .await;
+        send_until_failed(&relay, &mut engine).await;
         assert!(!relay.healthy());
         let (code, body) = http_get(addr, "/health").await;
         assert_eq!(code, 503, "{body}");
@@ -1643,15 +1635,7 @@ mod trust {
             "{body}"
         );
         assert!(relay.healthy());
-        within(10, async {
-            loop {
-                tokio::select! {
-                    () = relay.failed() => break,
-                    () = tokio::time::sleep(Duration::from_millis(20)) => engine.send_next("w"),
-                }
-            }
-        })
-        .await;
+        send_until_failed(&relay, &mut engine).await;
         assert!(!relay.healthy());
         let (code, body) = http_get(addr, "/health").await;
         assert_eq!(code, 503, "{body}");

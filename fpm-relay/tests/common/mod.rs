@@ -289,28 +289,34 @@ pub async fn http_raw_within(addr: SocketAddr, request: &[u8], limit: Duration) 
 }
 
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let fut = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await.unwrap();
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        let code = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|x| x.1.to_owned())
-            .unwrap_or_default();
-        (code, body)
-    };
-    tokio::time::timeout(Duration::from_secs(5), fut)
-        .await
-        .expect("http in time")
+    let text = http_raw(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+    )
+    .await;
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_owned())
+        .unwrap_or_default();
+    (code, body)
+}
+
+/// Sends a message every 20 ms until a stage of `relay` dies (bounded: 10 s).
+pub async fn send_until_failed(relay: &Relay, engine: &mut Engine) {
+    within(10, async {
+        loop {
+            tokio::select! {
+                () = relay.failed() => break,
+                () = tokio::time::sleep(Duration::from_millis(20)) => engine.send_next("w"),
+            }
+        }
+    })
+    .await;
 }
 
 /// A Python peer (interop/dynamo_peer.py) whose stdout JSON lines are read by a thread.
