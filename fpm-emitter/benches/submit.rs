@@ -20,7 +20,9 @@ impl Transport for Discard {
         black_box(payload);
         Ok(())
     }
-    fn close(&mut self, _timeout: Duration) {}
+    fn close(&mut self, _timeout: Duration) -> u64 {
+        0
+    }
     fn describe(&self) -> String {
         "discard".into()
     }

@@ -483,8 +483,10 @@ impl Emitter {
     }
 
     /// Stops accepting iterations, publishes what completes within `timeout` (pending GPU
-    /// timings are waited for until then, the rest counted as dropped `shutdown`), closes the
-    /// socket and returns the final counters.
+    /// timings are waited for until then, the rest counted as dropped `shutdown`), lets the
+    /// queued messages leave within the same deadline, closes the socket and returns the
+    /// final counters. Messages some subscriber may not have at the deadline (unwritten, or on
+    /// ipc unread) move from `published` to dropped `shutdown`.
     pub fn shutdown(mut self, timeout: Duration) -> EmitterStats {
         self.stop(timeout);
         self.stats()
@@ -566,6 +568,10 @@ impl Publisher {
         loop {
             self.flush_held(false);
             self.publish_ready();
+            self.shared
+                .counters
+                .lost_with_subscribers
+                .store(self.transport.lost_with_subscribers(), Relaxed);
             let wait = if !self.held.is_empty() {
                 Duration::from_millis(5)
             } else if self.pending.is_empty() {
@@ -790,6 +796,13 @@ impl Publisher {
         let linger = deadline
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(100));
-        self.transport.close(linger);
+        // Accepted by the transport but still queued for a subscriber at the deadline: not
+        // published after all.
+        let unsent = self.transport.close(linger);
+        counters
+            .lost_with_subscribers
+            .store(self.transport.lost_with_subscribers(), Relaxed);
+        counters.published.fetch_sub(unsent, Relaxed);
+        counters.drop_n(DropReason::Shutdown, unsent);
     }
 }

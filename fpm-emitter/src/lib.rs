@@ -47,6 +47,7 @@ mod emitter;
 mod error;
 mod stats;
 mod transport;
+mod zmtp_pub;
 
 pub use clock::{ClockKind, CpuClock, IterationClock, Span, StreamHandle, TimingPoll};
 pub use config::{ClockChoice, EmitterConfig, Endpoint, DEFAULT_TCP_PORT_BASE, PORT_ENV};

@@ -24,7 +24,8 @@ pub enum DropReason {
     SendHwm,
     /// The transport failed.
     SendError,
-    /// Still waiting for the GPU when the shutdown timeout expired.
+    /// Still waiting for the GPU, or still queued for a subscriber (see
+    /// [`Emitter::shutdown`](crate::Emitter::shutdown)), when the shutdown timeout expired.
     Shutdown,
     /// Segment markers that do not pair up: an end without a start, or a segment still open
     /// at submit (`segment_start` without `segment_end`).
@@ -90,6 +91,7 @@ pub(crate) struct Counters {
     pub published: AtomicU64,
     pub heartbeats: AtomicU64,
     pub heartbeats_dropped: AtomicU64,
+    pub lost_with_subscribers: AtomicU64,
     pub pending: AtomicU64,
     dropped: [AtomicU64; DropReason::ALL.len()],
 }
@@ -113,6 +115,7 @@ impl Counters {
             published: self.published.load(Relaxed),
             heartbeats: self.heartbeats.load(Relaxed),
             heartbeats_dropped: self.heartbeats_dropped.load(Relaxed),
+            lost_with_subscribers: self.lost_with_subscribers.load(Relaxed),
             pending_timings: self.pending.load(Relaxed),
             dropped: DropCounts {
                 queue_full: d(DropReason::QueueFull),
@@ -198,6 +201,12 @@ pub struct EmitterStats {
     pub heartbeats: u64,
     /// Idle heartbeats not sent (no subscriber or transport error).
     pub heartbeats_dropped: u64,
+    /// Published messages that were still queued for a subscriber when it disconnected: that
+    /// subscriber missed them (others may have them). Not a drop (a subscriber that leaves
+    /// misses what follows, as with any PUB socket), but counted, so that a subscriber's
+    /// count can be reconciled: `published - lost_with_subscribers` for one that was
+    /// connected throughout and then left.
+    pub lost_with_subscribers: u64,
     /// Iterations waiting for their GPU timing (or in the queue).
     pub pending_timings: u64,
     /// Dropped iteration messages by reason.

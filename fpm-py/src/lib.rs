@@ -127,6 +127,7 @@ fn stats_dict<'py>(py: Python<'py>, s: &EmitterStats) -> PyResult<Bound<'py, PyD
     d.set_item("published", s.published)?;
     d.set_item("heartbeats", s.heartbeats)?;
     d.set_item("heartbeats_dropped", s.heartbeats_dropped)?;
+    d.set_item("lost_with_subscribers", s.lost_with_subscribers)?;
     d.set_item("pending", s.pending_timings)?;
     let dropped = PyDict::new(py);
     for (reason, n) in s.dropped.by_reason() {

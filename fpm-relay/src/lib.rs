@@ -53,7 +53,7 @@ pub mod nats;
 mod passthrough;
 mod publish;
 mod relay;
-mod zmtp;
+use fpm_zmtp as zmtp;
 
 pub use config::{
     ipc_endpoints, tcp_endpoints, BufferLimits, EventPlane, MemoryPlane, NatsAuth, NatsConfig,

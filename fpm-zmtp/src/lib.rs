@@ -1,34 +1,36 @@
-//! The relay's ZeroMQ input: a SUB peer speaking ZMTP 3.0 (NULL security) to an engine's PUB
-//! over tcp or ipc, read on the relay's own Tokio thread.
+//! The ZMTP 3.0 subset Forward Pass Metrics needs: NULL security, a SUB reading from a PUB
+//! (the relay's input) and a PUB writing to SUBs (the emitter's output), over tcp or ipc.
 //!
-//! Why this is not a library (measured, see the README's relay section):
+//! Why this is not a library (measured, see the README's relay section and issue 15's note):
 //! - libzmq (the `zmq` crate) reads on its own I/O thread and hands every message to the
 //!   relay's thread: one more thread wake-up per message, the largest cost at the rates a
-//!   relay runs at.
+//!   relay runs at. On the publishing side it discards, uncounted, the batch it has not yet
+//!   written to a slow subscriber when a lingering socket closes, and no API says how many
+//!   messages that was.
 //! - The pure-Rust `zeromq` 0.7 crate has no size limit at all: a peer announcing a huge
 //!   frame makes it reserve the announced length before a byte of it arrives (the process
 //!   aborts), and a never-ending multipart message grows without bound.
 //!
-//! What is here is the subset a SUB needs and nothing else: the greeting, the READY
-//! handshake, a subscribe-to-everything message, PING/PONG, and message frames, with every
-//! length checked against the limit *before* anything is read or allocated for it.
+//! What is here is the protocol codec and nothing else (no sockets): the greeting, the READY
+//! handshake, subscriptions, PING/PONG, and message frames, with every length checked against
+//! the limit *before* anything is read or allocated for it.
 
 use std::ops::Range;
 
 /// Length of a ZMTP 3 greeting.
-pub(crate) const GREETING_LEN: usize = 64;
+pub const GREETING_LEN: usize = 64;
 /// Most bytes a command (READY, PING, ERROR, ...) may take; engines send a few dozen.
-pub(crate) const MAX_COMMAND: usize = 4096;
+pub const MAX_COMMAND: usize = 4096;
 /// Frames of a message whose ranges are kept; a message with more is still read through
 /// (its bytes count against the message limit) and reported with its frame count.
-pub(crate) const KEPT_FRAMES: usize = 4;
+pub const KEPT_FRAMES: usize = 4;
 
 const MORE: u8 = 0x01;
 const LONG: u8 = 0x02;
 const COMMAND: u8 = 0x04;
 
 /// Our greeting: ZMTP 3.0, NULL mechanism, client role.
-pub(crate) fn greeting() -> [u8; GREETING_LEN] {
+pub fn greeting() -> [u8; GREETING_LEN] {
     let mut g = [0u8; GREETING_LEN];
     g[0] = 0xff;
     g[9] = 0x7f;
@@ -38,24 +40,73 @@ pub(crate) fn greeting() -> [u8; GREETING_LEN] {
     g
 }
 
-/// Our READY command (`Socket-Type: SUB`) and the message subscribing to every topic
-/// (ZMTP 3.0 form: a one-byte body `0x01` followed by the empty prefix).
-pub(crate) fn ready_and_subscribe() -> Vec<u8> {
+/// Our READY command naming `socket_type` (`SUB`, `PUB`; at most a few bytes).
+pub fn ready(socket_type: &str) -> Vec<u8> {
     let mut body = Vec::with_capacity(32);
     body.push(5);
     body.extend_from_slice(b"READY");
     body.push(11);
     body.extend_from_slice(b"Socket-Type");
-    body.extend_from_slice(&3u32.to_be_bytes());
-    body.extend_from_slice(b"SUB");
+    body.extend_from_slice(&(socket_type.len() as u32).to_be_bytes());
+    body.extend_from_slice(socket_type.as_bytes());
     let mut out = vec![COMMAND, u8::try_from(body.len()).unwrap_or(u8::MAX)];
     out.extend_from_slice(&body);
+    out
+}
+
+/// Our READY command (`Socket-Type: SUB`) and the message subscribing to every topic
+/// (ZMTP 3.0 form: a one-byte body `0x01` followed by the empty prefix).
+pub fn ready_and_subscribe() -> Vec<u8> {
+    let mut out = ready("SUB");
     out.extend_from_slice(&[0, 1, 1]);
     out
 }
 
+/// Appends the header of a frame of `len` bytes (`more`: another frame of the same message
+/// follows).
+pub fn frame_header(more: bool, len: usize, out: &mut Vec<u8>) {
+    let more = if more { MORE } else { 0 };
+    if len > 255 {
+        out.push(LONG | more);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    } else {
+        out.push(more);
+        out.push(len as u8);
+    }
+}
+
+/// What a subscriber's message or command means to a publisher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subscription<'a> {
+    /// Subscribe to this topic prefix.
+    Subscribe(&'a [u8]),
+    /// Cancel one subscription to this prefix.
+    Cancel(&'a [u8]),
+}
+
+impl<'a> Subscription<'a> {
+    /// A one-frame message from a SUB in the ZMTP 3.0 form (`0x01` + prefix subscribes,
+    /// `0x00` + prefix cancels); anything else is not a subscription.
+    pub fn from_message(body: &'a [u8]) -> Option<Self> {
+        match body.split_first() {
+            Some((1, topic)) => Some(Subscription::Subscribe(topic)),
+            Some((0, topic)) => Some(Subscription::Cancel(topic)),
+            _ => None,
+        }
+    }
+
+    /// A ZMTP 3.1 `SUBSCRIBE` or `CANCEL` command.
+    pub fn from_command(name: &[u8], body: &'a [u8]) -> Option<Self> {
+        match name {
+            b"SUBSCRIBE" => Some(Subscription::Subscribe(body)),
+            b"CANCEL" => Some(Subscription::Cancel(body)),
+            _ => None,
+        }
+    }
+}
+
 /// The PONG answering a PING whose context is `context` (at most 16 bytes are echoed).
-pub(crate) fn pong(context: &[u8]) -> Vec<u8> {
+pub fn pong(context: &[u8]) -> Vec<u8> {
     let ctx = &context[..context.len().min(16)];
     let mut out = vec![COMMAND, u8::try_from(5 + ctx.len()).unwrap_or(u8::MAX), 4];
     out.extend_from_slice(b"PONG");
@@ -65,7 +116,7 @@ pub(crate) fn pong(context: &[u8]) -> Vec<u8> {
 
 /// Why a connection was given up. Each is a one-line message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub(crate) enum ProtocolError {
+pub enum ProtocolError {
     /// The peer does not speak ZMTP 3 (or anything ZeroMQ).
     #[error("not a ZeroMQ peer: its greeting is malformed")]
     BadGreeting,
@@ -75,9 +126,9 @@ pub(crate) enum ProtocolError {
     /// The peer wants CURVE or PLAIN security.
     #[error("the peer asks for the {0:?} security mechanism; only NULL is supported")]
     Mechanism(String),
-    /// The peer's READY names a socket type a SUB cannot talk to.
-    #[error("the peer is a {0:?} socket, not a PUB")]
-    SocketType(String),
+    /// The peer's READY names a socket type this side cannot talk to.
+    #[error("the peer is a {0:?} socket, which cannot talk to a {1}")]
+    SocketType(String, &'static str),
     /// The peer sent an ERROR command.
     #[error("the peer refused the connection: {0:?}")]
     Refused(String),
@@ -101,7 +152,7 @@ pub(crate) enum ProtocolError {
 impl ProtocolError {
     /// Whether this happened after the handshake (counted against messages) rather than
     /// while connecting.
-    pub(crate) fn mid_stream(&self) -> bool {
+    pub fn mid_stream(&self) -> bool {
         matches!(
             self,
             ProtocolError::Oversized { .. } | ProtocolError::Framing(_)
@@ -110,7 +161,7 @@ impl ProtocolError {
 }
 
 /// Checks the peer's greeting.
-pub(crate) fn check_greeting(g: &[u8]) -> Result<(), ProtocolError> {
+pub fn check_greeting(g: &[u8]) -> Result<(), ProtocolError> {
     if g.len() < GREETING_LEN || g[0] != 0xff || g[9] & 1 != 1 {
         return Err(ProtocolError::BadGreeting);
     }
@@ -127,8 +178,18 @@ pub(crate) fn check_greeting(g: &[u8]) -> Result<(), ProtocolError> {
     Ok(())
 }
 
-/// Checks the command the peer sent after its greeting: READY from a PUB or XPUB.
-pub(crate) fn check_ready(name: &[u8], body: &[u8]) -> Result<(), ProtocolError> {
+/// Checks the command a SUB's peer sent after its greeting: READY from a PUB or XPUB.
+pub fn check_ready(name: &[u8], body: &[u8]) -> Result<(), ProtocolError> {
+    check_ready_for("SUB", name, body)
+}
+
+/// Checks the command the peer sent after its greeting: READY from a socket type that can
+/// talk to `ours` (`SUB`: a PUB or XPUB; `PUB`: a SUB or XSUB).
+pub fn check_ready_for(ours: &'static str, name: &[u8], body: &[u8]) -> Result<(), ProtocolError> {
+    let peers: &[&[u8]] = match ours {
+        "PUB" => &[b"SUB", b"XSUB"],
+        _ => &[b"PUB", b"XPUB"],
+    };
     if name == b"ERROR" {
         let reason = body
             .first()
@@ -151,9 +212,10 @@ pub(crate) fn check_ready(name: &[u8], body: &[u8]) -> Result<(), ProtocolError>
         let Some(value) = tail.get(n + 4..).and_then(|v| v.get(..len)) else {
             return Err(ProtocolError::BadHandshake);
         };
-        if key.eq_ignore_ascii_case(b"Socket-Type") && value != b"PUB" && value != b"XPUB" {
+        if key.eq_ignore_ascii_case(b"Socket-Type") && !peers.contains(&value) {
             return Err(ProtocolError::SocketType(
                 String::from_utf8_lossy(value).into_owned(),
+                ours,
             ));
         }
         rest = &tail[n + 4 + len..];
@@ -163,7 +225,7 @@ pub(crate) fn check_ready(name: &[u8], body: &[u8]) -> Result<(), ProtocolError>
 
 /// The frames of one complete message, as ranges into the buffer it was parsed from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Frames {
+pub struct Frames {
     /// How many frames the message has.
     pub count: usize,
     /// The first [`KEPT_FRAMES`] of them.
@@ -183,7 +245,7 @@ impl Frames {
 
 /// What starts the buffer.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Unit {
+pub enum Unit {
     /// A whole message taking the first `len` bytes.
     Message { len: usize, frames: Frames },
     /// A command taking the first `len` bytes.
@@ -197,7 +259,7 @@ pub(crate) enum Unit {
 /// Parses the message or command at the start of `buf`: `Ok(None)` when more bytes are
 /// needed. Every announced length is checked first, so a caller that reads only what this
 /// asks for never holds more than `max_message` bytes of one message (headers included).
-pub(crate) fn next(buf: &[u8], max_message: usize) -> Result<Option<Unit>, ProtocolError> {
+pub fn next(buf: &[u8], max_message: usize) -> Result<Option<Unit>, ProtocolError> {
     let mut pos = 0usize;
     let mut total = 0u64;
     let mut frames = Frames {
@@ -289,14 +351,7 @@ mod tests {
 
     fn frame(more: bool, body: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
-        let more = if more { MORE } else { 0 };
-        if body.len() > 255 {
-            out.push(LONG | more);
-            out.extend_from_slice(&(body.len() as u64).to_be_bytes());
-        } else {
-            out.push(more);
-            out.push(body.len() as u8);
-        }
+        frame_header(more, body.len(), &mut out);
         out.extend_from_slice(body);
         out
     }
@@ -334,8 +389,27 @@ mod tests {
         assert_eq!(&ours[name.clone()], b"READY");
         // Our own READY names SUB: refused as a peer.
         assert_eq!(
-            check_ready(&ours[name], &ours[body]),
-            Err(ProtocolError::SocketType("SUB".into()))
+            check_ready(&ours[name.clone()], &ours[body.clone()]),
+            Err(ProtocolError::SocketType("SUB".into(), "SUB"))
+        );
+        assert_eq!(
+            check_ready_for("PUB", &ours[name.clone()], &ours[body.clone()]),
+            Ok(())
+        );
+        let pub_ready = ready("PUB");
+        let Ok(Some(Unit::Command {
+            name: n2, body: b2, ..
+        })) = next(&pub_ready, 100)
+        else {
+            panic!("a PUB READY parses");
+        };
+        assert_eq!(
+            check_ready(&pub_ready[n2.clone()], &pub_ready[b2.clone()]),
+            Ok(())
+        );
+        assert_eq!(
+            check_ready_for("PUB", &pub_ready[n2], &pub_ready[b2]),
+            Err(ProtocolError::SocketType("PUB".into(), "PUB"))
         );
         assert_eq!(
             next(&ours[len..], 100).unwrap(),
@@ -368,6 +442,42 @@ mod tests {
         };
         assert_eq!(&p[name], b"PONG");
         assert_eq!(&p[body], b"0123456789abcdef");
+    }
+
+    #[test]
+    fn subscriptions_in_both_forms() {
+        assert_eq!(
+            Subscription::from_message(b"\x01"),
+            Some(Subscription::Subscribe(b""))
+        );
+        assert_eq!(
+            Subscription::from_message(b"\x00abc"),
+            Some(Subscription::Cancel(b"abc"))
+        );
+        assert_eq!(Subscription::from_message(b""), None);
+        assert_eq!(Subscription::from_message(b"\x02x"), None);
+        assert_eq!(
+            Subscription::from_command(b"SUBSCRIBE", b""),
+            Some(Subscription::Subscribe(b""))
+        );
+        assert_eq!(
+            Subscription::from_command(b"CANCEL", b"t"),
+            Some(Subscription::Cancel(b"t"))
+        );
+        assert_eq!(Subscription::from_command(b"PING", b""), None);
+        // What a SUB sends after its READY is a subscription to everything.
+        let ours = ready_and_subscribe();
+        let Ok(Some(Unit::Command { len, .. })) = next(&ours, 100) else {
+            panic!()
+        };
+        let Ok(Some(Unit::Message { frames, .. })) = next(&ours[len..], 100) else {
+            panic!()
+        };
+        let (s, _) = frames.slices(&ours[len..]);
+        assert_eq!(
+            Subscription::from_message(s[0]),
+            Some(Subscription::Subscribe(b""))
+        );
     }
 
     #[test]
