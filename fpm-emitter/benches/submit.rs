@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use criterion::Criterion;
 use fpm_emitter::{
-    ClockChoice, Emitter, EmitterConfig, Endpoint, SendError, StreamHandle, Transport,
+    ClockChoice, Emitter, EmitterConfig, Endpoint, SendError, StreamHandle, Transport, Unsent,
 };
 use fpm_schema::{QueuedRequestsBuilder, ScheduledRequestsBuilder};
 
@@ -20,8 +20,8 @@ impl Transport for Discard {
         black_box(payload);
         Ok(())
     }
-    fn close(&mut self, _timeout: Duration) -> u64 {
-        0
+    fn close(&mut self, _timeout: Duration) -> Unsent {
+        Unsent::default()
     }
     fn describe(&self) -> String {
         "discard".into()

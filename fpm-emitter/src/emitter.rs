@@ -754,7 +754,7 @@ impl Publisher {
         self.message.queued_requests = QueuedRequestMetrics::default();
         fpm_schema::encode_into(&self.message, &mut self.buf);
         let counters = &self.shared.counters;
-        match self.transport.send(counter, &self.buf) {
+        match self.transport.send_heartbeat(counter, &self.buf) {
             Ok(()) => counters.heartbeats.fetch_add(1, Relaxed),
             Err(_) => counters.heartbeats_dropped.fetch_add(1, Relaxed),
         };
@@ -802,7 +802,11 @@ impl Publisher {
         counters
             .lost_with_subscribers
             .store(self.transport.lost_with_subscribers(), Relaxed);
-        counters.published.fetch_sub(unsent, Relaxed);
-        counters.drop_n(DropReason::Shutdown, unsent);
+        counters.published.fetch_sub(unsent.messages, Relaxed);
+        counters.drop_n(DropReason::Shutdown, unsent.messages);
+        counters.heartbeats.fetch_sub(unsent.heartbeats, Relaxed);
+        counters
+            .heartbeats_dropped
+            .fetch_add(unsent.heartbeats, Relaxed);
     }
 }

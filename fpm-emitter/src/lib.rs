@@ -56,4 +56,4 @@ pub use cuda::{driver as cuda_driver, ContextSource, CudaClock};
 pub use emitter::{Emitter, EmitterHandle};
 pub use error::{CudaCode, CudaError, EmitterError, TimingError};
 pub use stats::{DropCounts, DropReason, EmitterStats};
-pub use transport::{MemoryTransport, SendError, SentMessage, Transport, ZmqTransport};
+pub use transport::{MemoryTransport, SendError, SentMessage, Transport, Unsent, ZmqTransport};

@@ -201,11 +201,10 @@ pub struct EmitterStats {
     pub heartbeats: u64,
     /// Idle heartbeats not sent (no subscriber or transport error).
     pub heartbeats_dropped: u64,
-    /// Published messages that were still queued for a subscriber when it disconnected: that
-    /// subscriber missed them (others may have them). Not a drop (a subscriber that leaves
-    /// misses what follows, as with any PUB socket), but counted, so that a subscriber's
-    /// count can be reconciled: `published - lost_with_subscribers` for one that was
-    /// connected throughout and then left.
+    /// Published messages (not heartbeats) that were still queued, unwritten, for a
+    /// subscriber when it disconnected: that subscriber missed them (others may have them).
+    /// Not a drop (a subscriber that leaves misses what follows, as with any PUB socket), but
+    /// counted, so that a departure mid-stream is visible.
     pub lost_with_subscribers: u64,
     /// Iterations waiting for their GPU timing (or in the queue).
     pub pending_timings: u64,

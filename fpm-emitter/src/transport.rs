@@ -29,6 +29,15 @@ impl SendError {
     }
 }
 
+/// What a transport could not deliver by its close deadline.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Unsent {
+    /// Iteration messages.
+    pub messages: u64,
+    /// Idle heartbeats.
+    pub heartbeats: u64,
+}
+
 /// Sends one FPM message: the 8-byte big-endian counter frame and the payload (the empty
 /// topic frame is the transport's business).
 pub trait Transport: Send + 'static {
@@ -38,10 +47,20 @@ pub trait Transport: Send + 'static {
     /// [`SendError`] saying why the message was not sent.
     fn send(&mut self, counter: u64, payload: &[u8]) -> Result<(), SendError>;
 
+    /// Sends an idle heartbeat (a transport that tells them apart reports them apart in
+    /// [`Unsent`]).
+    ///
+    /// # Errors
+    /// As [`Transport::send`].
+    fn send_heartbeat(&mut self, counter: u64, payload: &[u8]) -> Result<(), SendError> {
+        self.send(counter, payload)
+    }
+
     /// Gives queued messages up to `timeout` to leave before the transport closes. Returns
-    /// how many messages that `send` accepted did not leave in time and were discarded (the
-    /// emitter counts them as dropped `shutdown` instead of `published`).
-    fn close(&mut self, timeout: Duration) -> u64;
+    /// what `send`/`send_heartbeat` accepted that some subscriber may not have (the emitter
+    /// counts those messages as dropped `shutdown` instead of `published`, and those
+    /// heartbeats as `heartbeats_dropped`).
+    fn close(&mut self, timeout: Duration) -> Unsent;
 
     /// Where it sends to, for logs.
     fn describe(&self) -> String;
@@ -104,8 +123,8 @@ impl Transport for MemoryTransport {
         Ok(())
     }
 
-    fn close(&mut self, _timeout: Duration) -> u64 {
-        0
+    fn close(&mut self, _timeout: Duration) -> Unsent {
+        Unsent::default()
     }
 
     fn describe(&self) -> String {

@@ -24,7 +24,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::{debug, warn};
 
 use crate::error::EmitterError;
-use crate::transport::{SendError, Transport};
+use crate::transport::{SendError, Transport, Unsent};
 
 /// Most connections (subscribers and peers still handshaking) at once; more are refused.
 const MAX_PEERS: usize = 256;
@@ -34,6 +34,11 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_INBOUND: usize = 4096;
 /// PONGs waiting to be written to one peer; PINGs beyond this are not answered.
 const MAX_PONGS: usize = 16;
+/// Bytes queued for all subscribers together (each has its own copy); beyond this `send`
+/// fails as a full queue (`send_hwm`), so many subscribers cannot run the engine out of memory.
+const MAX_QUEUED_BYTES: usize = 256 << 20;
+/// Marks a heartbeat's sequence number (counted apart from iteration messages).
+const HEARTBEAT: u64 = 1 << 63;
 
 /// The ZeroMQ transport: a PUB socket bound to the endpoint (`ipc://PATH`, `ipc://@NAME` for
 /// Linux's abstract namespace, or `tcp://HOST:PORT` with `*` for all interfaces and port `*`
@@ -67,8 +72,10 @@ struct Hub {
     connections: AtomicUsize,
     /// Messages still queued for a subscriber when it disconnected.
     lost_with_peer: AtomicU64,
-    /// Set by the I/O thread when it stops: messages some subscriber may not have.
-    unsent: AtomicU64,
+    /// Set by the I/O thread when it stops: what some subscriber may not have.
+    unsent: Mutex<Unsent>,
+    /// Bytes in every peer's `bytes` and unwritten entries.
+    queued_bytes: AtomicUsize,
 }
 
 #[derive(Debug)]
@@ -175,8 +182,10 @@ impl Outbox {
     }
 }
 
-/// Bytes the kernel still holds for the peer: on a Unix socket, those the peer has not read
-/// yet (plus the kernel's own accounting overhead); on TCP, those it has not acknowledged.
+/// Bytes the kernel still holds for the peer (`SIOCOUTQ`, which is `TIOCOUTQ`'s number): on a
+/// Unix socket, those the peer has not read yet (plus the kernel's own accounting overhead,
+/// so an upper bound); on TCP, those it has not acknowledged.
+#[cfg(target_os = "linux")]
 fn kernel_held(fd: RawFd) -> usize {
     let mut n: libc::c_int = 0;
     // SAFETY: `fd` is an open socket (see `Peer::fd`); SIOCOUTQ writes one c_int.
@@ -186,6 +195,13 @@ fn kernel_held(fd: RawFd) -> usize {
     } else {
         0
     }
+}
+
+/// Elsewhere the kernel is not asked: on ipc, written messages count as delivered (the
+/// crate is built and tested on Linux).
+#[cfg(not(target_os = "linux"))]
+fn kernel_held(_fd: RawFd) -> usize {
+    0
 }
 
 /// The socket's send buffer size (what `SO_SNDBUF` reports), or a generous default.
@@ -298,7 +314,8 @@ impl ZmqTransport {
             hwm: usize::try_from(send_hwm.max(1)).unwrap_or(1),
             connections: AtomicUsize::new(0),
             lost_with_peer: AtomicU64::new(0),
-            unsent: AtomicU64::new(0),
+            unsent: Mutex::new(Unsent::default()),
+            queued_bytes: AtomicUsize::new(0),
         });
         let stop = Arc::new(tokio::sync::Notify::new());
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -347,21 +364,25 @@ fn bind_abstract(_name: &str) -> io::Result<std::os::unix::net::UnixListener> {
     ))
 }
 
-impl Transport for ZmqTransport {
-    fn send(&mut self, counter: u64, payload: &[u8]) -> Result<(), SendError> {
+impl ZmqTransport {
+    fn send_marked(&mut self, counter: u64, payload: &[u8], mark: u64) -> Result<(), SendError> {
         let peers = lock(&self.hub.peers);
-        let mut any = false;
+        let mut any = 0usize;
         for p in peers.iter() {
             let out = lock(&p.out);
             if out.receives() {
-                any = true;
+                any += 1;
                 if out.messages >= self.hub.hwm {
                     return Err(SendError::WouldBlock);
                 }
             }
         }
-        if !any {
+        if any == 0 {
             return Err(SendError::NoSubscriber);
+        }
+        let size = payload.len() + 22;
+        if self.hub.queued_bytes.load(Relaxed) + size * any > MAX_QUEUED_BYTES {
+            return Err(SendError::WouldBlock);
         }
         let f = &mut self.frame;
         f.clear();
@@ -370,29 +391,51 @@ impl Transport for ZmqTransport {
         f.extend_from_slice(&counter.to_be_bytes());
         fpm_zmtp::frame_header(false, payload.len(), f);
         f.extend_from_slice(payload);
-        let seq = self.next_seq;
+        let seq = self.next_seq | mark;
         self.next_seq += 1;
+        let mut pushed = 0usize;
         for p in peers.iter() {
             let mut out = lock(&p.out);
-            if out.receives() && out.push(Some(seq), f) {
-                drop(out);
-                p.wake.notify_one();
+            if out.receives() {
+                pushed += 1;
+                self.hub.queued_bytes.fetch_add(f.len(), Relaxed);
+                if out.push(Some(seq), f) {
+                    drop(out);
+                    p.wake.notify_one();
+                }
             }
+        }
+        // Every subscriber left between the check and here.
+        if pushed == 0 {
+            return Err(SendError::NoSubscriber);
         }
         Ok(())
     }
+}
 
-    /// Lets what is queued for connected subscribers leave within `timeout`, then closes
-    /// every connection and the listener, and removes the ipc socket file. Returns the
-    /// messages still (wholly or partly) unwritten to some subscriber at the deadline.
-    fn close(&mut self, timeout: Duration) -> u64 {
-        let Some(io) = self.io.take() else { return 0 };
+impl Transport for ZmqTransport {
+    fn send(&mut self, counter: u64, payload: &[u8]) -> Result<(), SendError> {
+        self.send_marked(counter, payload, 0)
+    }
+
+    fn send_heartbeat(&mut self, counter: u64, payload: &[u8]) -> Result<(), SendError> {
+        self.send_marked(counter, payload, HEARTBEAT)
+    }
+
+    /// Lets what is queued for connected subscribers leave within `timeout` (on ipc, until
+    /// they have read it), then closes every connection and the listener, and removes the
+    /// ipc socket file. Returns what some subscriber may not have at the deadline: not yet
+    /// (wholly) written to its socket, or on ipc written but not yet read by it.
+    fn close(&mut self, timeout: Duration) -> Unsent {
+        let Some(io) = self.io.take() else {
+            return Unsent::default();
+        };
         let deadline = Instant::now() + timeout;
         loop {
-            // Done when every subscriber has read everything (the kernel holds nothing).
+            // Done when every subscriber has everything (on ipc: has read it).
             let pending = lock(&self.hub.peers).iter().any(|p| {
                 let out = lock(&p.out);
-                !out.closed && (out.messages > 0 || kernel_held(p.fd) > 0)
+                !out.closed && (out.messages > 0 || (out.tail > 0 && kernel_held(p.fd) > 0))
             });
             if !pending || Instant::now() >= deadline {
                 break;
@@ -402,12 +445,12 @@ impl Transport for ZmqTransport {
         // The I/O thread counts what did not leave, then closes every connection.
         self.stop.notify_one();
         let _ = io.join();
-        let unsent = self.hub.unsent.load(Relaxed);
+        let unsent = *lock(&self.hub.unsent);
         if let Some(path) = self.ipc_file.take() {
             let _ = std::fs::remove_file(path);
         }
-        if unsent > 0 {
-            warn!(endpoint = %self.endpoint, messages = unsent, "FPM messages still queued for a subscriber at the shutdown deadline: counted as dropped (shutdown)");
+        if unsent.messages + unsent.heartbeats > 0 {
+            warn!(endpoint = %self.endpoint, messages = unsent.messages, heartbeats = unsent.heartbeats, "FPM messages still queued for a subscriber at the shutdown deadline: counted as dropped (shutdown)");
         }
         unsent
     }
@@ -473,24 +516,53 @@ async fn serve(listener: Listener, hub: Arc<Hub>, stop: Arc<tokio::sync::Notify>
     }
     // No other task runs until this returns and the runtime (with every connection) is
     // dropped: the writers are stopped, the sockets still open.
-    let mut unsent: Vec<u64> = lock(&hub.peers)
-        .iter()
-        .flat_map(|p| {
-            let out = lock(&p.out);
-            if out.closed {
-                return Vec::new();
-            }
-            let held = if out.tail_cap > 0 {
-                kernel_held(p.fd)
-            } else {
-                0
-            };
-            out.unsent(held).collect()
-        })
-        .collect();
+    let mut unsent: Vec<u64> = Vec::new();
+    for p in lock(&hub.peers).iter() {
+        let out = lock(&p.out);
+        if out.closed {
+            // Its writer failed and its task had not finished: lost with that subscriber.
+            hub.lost_with_peer.fetch_add(
+                out.unsent(0).filter(|s| s & HEARTBEAT == 0).count() as u64,
+                Relaxed,
+            );
+            continue;
+        }
+        // Read what the peer sent since (a late PING): closing a TCP socket with unread
+        // input resets the connection, and the peer's kernel may discard what it holds.
+        drain_input(p.fd);
+        let held = if out.tail_cap > 0 {
+            kernel_held(p.fd)
+        } else {
+            0
+        };
+        if held > out.tail_bytes + out.partial {
+            debug!(
+                held,
+                kept = out.tail_bytes,
+                "the kernel holds more than was kept track of: every kept message counted"
+            );
+        }
+        unsent.extend(out.unsent(held));
+    }
     unsent.sort_unstable();
     unsent.dedup();
-    hub.unsent.store(unsent.len() as u64, Relaxed);
+    let heartbeats = unsent.iter().filter(|s| *s & HEARTBEAT != 0).count() as u64;
+    *lock(&hub.unsent) = Unsent {
+        messages: unsent.len() as u64 - heartbeats,
+        heartbeats,
+    };
+}
+
+/// Reads and discards whatever input is waiting on the socket, without blocking.
+fn drain_input(fd: RawFd) {
+    let mut buf = [0u8; 4096];
+    loop {
+        // SAFETY: `fd` is an open socket (see `Peer::fd`); `buf` is writable for its length.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        if n <= 0 {
+            return;
+        }
+    }
 }
 
 async fn accept_failed(name: &str, e: io::Error) {
@@ -529,6 +601,8 @@ enum Ended {
     Protocol(#[from] ProtocolError),
     #[error("no handshake within {0:?}")]
     Timeout(Duration),
+    #[error("no subscription to every message within {0:?}")]
+    NoSubscription(Duration),
 }
 
 /// Handshakes, then reads subscriptions while a writer task sends the queue.
@@ -537,7 +611,12 @@ where
     S: AsyncRead + AsyncWrite + AsRawFd + Send + 'static,
 {
     let fd = stream.as_raw_fd();
-    let tail_cap = if unix { send_buffer(fd) } else { 0 };
+    // A Unix stream send may pass the buffer size by one whole skb: keep twice as much.
+    let tail_cap = if unix {
+        2 * send_buffer(fd) + (64 << 10)
+    } else {
+        0
+    };
     let (mut r, mut w) = tokio::io::split(stream);
     let mut buf = Vec::with_capacity(256);
     tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut r, &mut w, &mut buf))
@@ -552,13 +631,19 @@ where
         fd,
     });
     lock(&hub.peers).push(Arc::clone(&peer));
-    let writer = tokio::spawn(write_queue(Arc::clone(&peer), w));
-    let result = read_subscriptions(&peer, &mut r, &mut buf).await;
+    let writer = tokio::spawn(write_queue(Arc::clone(&hub), Arc::clone(&peer), w));
+    let result = read_subscriptions(hub, &peer, &mut r, &mut buf).await;
     // The peer is gone (or broke the protocol): stop writing to it.
     lock(&peer.out).closed = true;
     writer.abort();
     let _ = writer.await;
-    let lost = lock(&peer.out).messages;
+    let lost = {
+        let out = lock(&peer.out);
+        let unwritten: usize = out.queue.iter().skip(out.tail).map(|e| e.1).sum();
+        hub.queued_bytes
+            .fetch_sub(unwritten.saturating_sub(out.partial), Relaxed);
+        out.unsent(0).filter(|s| s & HEARTBEAT == 0).count()
+    };
     lock(&hub.peers).retain(|p| !Arc::ptr_eq(p, &peer));
     if lost > 0 {
         hub.lost_with_peer.fetch_add(lost as u64, Relaxed);
@@ -611,12 +696,18 @@ async fn read_more<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> io::Re
     Ok(())
 }
 
-/// Applies the peer's subscriptions and answers its PINGs until it disconnects.
+/// Applies the peer's subscriptions and answers its PINGs until it disconnects. A peer that
+/// has not subscribed within [`HANDSHAKE_TIMEOUT`] is cut off (a SUB subscribes right after
+/// its READY; libzmq reconnects and subscribes again), so idle connections cannot hold the
+/// connection slots.
 async fn read_subscriptions<R: AsyncRead + Unpin>(
+    hub: &Hub,
     peer: &Peer,
     r: &mut R,
     buf: &mut Vec<u8>,
 ) -> Result<(), Ended> {
+    let subscribe_by = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+    let mut subscribed = false;
     loop {
         while let Some(unit) = fpm_zmtp::next(buf, MAX_INBOUND)? {
             let (len, sub) = match unit {
@@ -633,9 +724,12 @@ async fn read_subscriptions<R: AsyncRead + Unpin>(
                         let ctx = buf.get(body.start + 2..body.end).unwrap_or_default();
                         let pong = fpm_zmtp::pong(ctx);
                         let mut out = lock(&peer.out);
-                        if out.pongs < MAX_PONGS && out.push(None, &pong) {
-                            drop(out);
-                            peer.wake.notify_one();
+                        if out.pongs < MAX_PONGS {
+                            hub.queued_bytes.fetch_add(pong.len(), Relaxed);
+                            if out.push(None, &pong) {
+                                drop(out);
+                                peer.wake.notify_one();
+                            }
                         }
                     }
                     (len, Subscription::from_command(&buf[name], &buf[body]))
@@ -645,6 +739,7 @@ async fn read_subscriptions<R: AsyncRead + Unpin>(
                 Some(Subscription::Subscribe(b"")) => {
                     let mut out = lock(&peer.out);
                     out.subscriptions = out.subscriptions.saturating_add(1);
+                    subscribed = true;
                 }
                 Some(Subscription::Cancel(b"")) => {
                     let mut out = lock(&peer.out);
@@ -654,7 +749,15 @@ async fn read_subscriptions<R: AsyncRead + Unpin>(
             }
             buf.drain(..len);
         }
-        match read_more(r, buf).await {
+        let read = if subscribed {
+            read_more(r, buf).await
+        } else {
+            match tokio::time::timeout_at(subscribe_by, read_more(r, buf)).await {
+                Ok(read) => read,
+                Err(_) => return Err(Ended::NoSubscription(HANDSHAKE_TIMEOUT)),
+            }
+        };
+        match read {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e.into()),
@@ -663,7 +766,7 @@ async fn read_subscriptions<R: AsyncRead + Unpin>(
 }
 
 /// Writes the peer's queue as it fills, recording how much the kernel took.
-async fn write_queue<W: AsyncWrite + Unpin>(peer: Arc<Peer>, mut w: W) {
+async fn write_queue<W: AsyncWrite + Unpin>(hub: Arc<Hub>, peer: Arc<Peer>, mut w: W) {
     let mut chunk = Vec::new();
     loop {
         {
@@ -675,6 +778,10 @@ async fn write_queue<W: AsyncWrite + Unpin>(peer: Arc<Peer>, mut w: W) {
             std::mem::swap(&mut chunk, &mut out.bytes);
         }
         if chunk.is_empty() {
+            // Do not keep a burst's buffer for good.
+            if chunk.capacity() > 1 << 20 {
+                chunk = Vec::new();
+            }
             peer.wake.notified().await;
             continue;
         }
@@ -684,6 +791,7 @@ async fn write_queue<W: AsyncWrite + Unpin>(peer: Arc<Peer>, mut w: W) {
                 Ok(n) if n > 0 => {
                     pos += n;
                     lock(&peer.out).written(n);
+                    hub.queued_bytes.fetch_sub(n, Relaxed);
                 }
                 _ => {
                     lock(&peer.out).closed = true;
