@@ -631,7 +631,7 @@ where
         fd,
     });
     lock(&hub.peers).push(Arc::clone(&peer));
-    let writer = tokio::spawn(write_queue(Arc::clone(&hub), Arc::clone(&peer), w));
+    let writer = tokio::spawn(write_queue(Arc::clone(hub), Arc::clone(&peer), w));
     let result = read_subscriptions(hub, &peer, &mut r, &mut buf).await;
     // The peer is gone (or broke the protocol): stop writing to it.
     lock(&peer.out).closed = true;
