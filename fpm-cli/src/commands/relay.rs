@@ -296,10 +296,11 @@ impl RelayArgs {
 pub fn relay(args: RelayArgs) -> Result<()> {
     let config = args.to_config()?;
     let inputs = args.inputs()?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // The data path has its own thread (`fpm-relay-data`); what runs here (HTTP endpoints,
+    // discovery, engine-metrics scrapes, signals) is light: one thread, the main one, is
+    // enough, and every thread costs memory (issue 10's RSS budget).
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .thread_name("fpm-relay")
         .build()
         .context("cannot start the async runtime")?;
     rt.block_on(async move {
