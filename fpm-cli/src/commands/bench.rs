@@ -77,6 +77,11 @@ pub struct BenchArgs {
     /// Where the markdown results are written (`off` for nowhere).
     #[arg(long, default_value = "bench/results")]
     pub output_dir: PathBuf,
+    /// With --peer: drive each rate this many times per relay, the pairs alternating which
+    /// relay goes first, and add the median and range of the pairs' ratios (a noisy machine
+    /// moves single runs a lot).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub repeat: u32,
 }
 
 /// One relay's figures at one rate.
@@ -747,6 +752,51 @@ fn upstream_comparisons(tmp: &Path) -> Result<String> {
 ///
 /// # Errors
 /// A stage that cannot start, or results that cannot be written.
+/// The median and range of the fpm / dynamo ratios over repeated pairs.
+fn ratio_summary(rate: BenchRate, pairs: &[Vec<Row>]) -> String {
+    let stat = |f: &dyn Fn(&Row) -> f64| -> String {
+        let mut r: Vec<f64> = pairs
+            .iter()
+            .filter_map(|p| match p.as_slice() {
+                [ours, peer] if f(peer) > 0.0 => Some(f(ours) / f(peer)),
+                _ => None,
+            })
+            .collect();
+        if r.is_empty() {
+            return "-".into();
+        }
+        r.sort_by(f64::total_cmp);
+        let n = r.len();
+        let median = if n % 2 == 1 {
+            r[n / 2]
+        } else {
+            (r[n / 2 - 1] + r[n / 2]) / 2.0
+        };
+        format!("{median:.2} ({:.2}–{:.2})", r[0], r[n - 1])
+    };
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "\n### {rate}: fpm / dynamo over {} pairs, median (min–max)\n",
+        pairs.len()
+    );
+    let _ = writeln!(
+        s,
+        "| latency p50 | p99 | p99.9 | relay CPU per message | relay peak RSS |"
+    );
+    let _ = writeln!(s, "| ---: | ---: | ---: | ---: | ---: |");
+    let _ = writeln!(
+        s,
+        "| {} | {} | {} | {} | {} |",
+        stat(&|r| r.latency_us[0]),
+        stat(&|r| r.latency_us[1]),
+        stat(&|r| r.latency_us[2]),
+        stat(&|r| r.relay_cpu_us),
+        stat(&|r| r.relay_rss_mib)
+    );
+    s
+}
+
 pub fn run(args: BenchArgs) -> Result<()> {
     if args.duration.is_zero() {
         bail!("--duration must be positive");
@@ -758,13 +808,32 @@ pub fn run(args: BenchArgs) -> Result<()> {
         args.duration.as_secs_f64()
     );
     for &rate in &args.rates {
-        let mut rows = vec![run_one(&args, rate, None, tmp.path())?];
-        if let Some(p) = args.peer {
-            rows.push(run_one(&args, rate, Some(p), tmp.path())?);
+        let mut pairs = Vec::new();
+        for i in 0..args.repeat {
+            let mut rows = Vec::new();
+            match args.peer {
+                // Odd pairs run the peer first, so drift on the machine favours neither.
+                Some(p) if i % 2 == 1 => {
+                    let peer = run_one(&args, rate, Some(p), tmp.path())?;
+                    rows.push(run_one(&args, rate, None, tmp.path())?);
+                    rows.push(peer);
+                }
+                Some(p) => {
+                    rows.push(run_one(&args, rate, None, tmp.path())?);
+                    rows.push(run_one(&args, rate, Some(p), tmp.path())?);
+                }
+                None => rows.push(run_one(&args, rate, None, tmp.path())?),
+            }
+            let t = table(rate, &rows);
+            print!("{t}");
+            report.push_str(&t);
+            pairs.push(rows);
         }
-        let t = table(rate, &rows);
-        print!("{t}");
-        report.push_str(&t);
+        if args.peer.is_some() && pairs.len() > 1 {
+            let t = ratio_summary(rate, &pairs);
+            print!("{t}");
+            report.push_str(&t);
+        }
     }
     if args.peer.is_some() {
         let t = upstream_comparisons(tmp.path())?;
@@ -785,4 +854,37 @@ pub fn run(args: BenchArgs) -> Result<()> {
         println!("\nresults: {}", path.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(relay: &'static str, p50: f64, cpu: f64) -> Row {
+        Row {
+            relay,
+            latency_us: [p50, 2.0 * p50, 4.0 * p50],
+            relay_cpu_us: cpu,
+            relay_rss_mib: 10.0,
+            ..Row::default()
+        }
+    }
+
+    #[test]
+    fn the_summary_is_the_median_and_range_of_the_pair_ratios() {
+        let pairs = vec![
+            vec![row("fpm", 50.0, 10.0), row("dynamo", 100.0, 40.0)],
+            vec![row("fpm", 90.0, 30.0), row("dynamo", 100.0, 40.0)],
+            vec![row("fpm", 60.0, 20.0), row("dynamo", 100.0, 40.0)],
+            // A peer figure of zero (nothing measured) is left out, not divided by.
+            vec![row("fpm", 60.0, 20.0), row("dynamo", 0.0, 0.0)],
+        ];
+        let s = ratio_summary(BenchRate::PerSecond(1000.0), &pairs);
+        assert!(s.contains("over 4 pairs"), "{s}");
+        // p50 ratios 0.5, 0.9, 0.6: median 0.6; CPU 0.25, 0.75, 0.5: median 0.5; RSS 1.0.
+        assert!(
+            s.contains("| 0.60 (0.50–0.90) | 0.60 (0.50–0.90) | 0.60 (0.50–0.90) | 0.50 (0.25–0.75) | 1.00 (1.00–1.00) |"),
+            "{s}"
+        );
+    }
 }
