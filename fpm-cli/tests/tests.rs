@@ -2114,6 +2114,16 @@ mod bench {
         assert_eq!(o.status.code(), Some(1), "{err}");
         assert_eq!(err.lines().count(), 1, "{err}");
         assert!(err.contains("--rates"), "{err}");
+        for bad in ["0", "101", "x"] {
+            let o = Command::new(env!("CARGO_BIN_EXE_fpm"))
+                .args(["bench", "--repeat", bad])
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(o.status.code(), Some(1), "{bad}: {err}");
+            assert_eq!(err.lines().count(), 1, "{bad}: {err}");
+            assert!(err.contains("--repeat"), "{bad}: {err}");
+        }
     }
 }
 

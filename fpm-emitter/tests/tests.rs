@@ -599,6 +599,35 @@ mod zmq_socket {
 
     /// Submits until the first message reaches `s` (the subscription takes a moment to reach
     /// the publisher); returns its frames.
+    /// Addresses the publisher cannot bind are one clear error at start, naming the address.
+    #[test]
+    fn unusable_addresses_fail_at_start() {
+        let start = |addr: &str| {
+            let cfg = EmitterConfig::new(Endpoint::Exact(addr.into()), "w", 0)
+                .with_clock(ClockChoice::Cpu);
+            Emitter::start(cfg).map(|_| ()).unwrap_err()
+        };
+        for addr in [
+            "inproc://x",
+            "tcp://127.0.0.1",
+            "tcp://127.0.0.1:port",
+            "ipc://",
+        ] {
+            let err = start(addr);
+            assert!(matches!(err, EmitterError::Config(_)), "{addr}: {err:?}");
+            assert!(err.to_string().contains(addr), "{addr}: {err}");
+        }
+        // A port in use, and a host that does not resolve: the bind fails, naming both.
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = format!("tcp://127.0.0.1:{}", taken.local_addr().unwrap().port());
+        for addr in [addr.as_str(), "tcp://no-such-host.invalid:5555"] {
+            let err = start(addr);
+            assert!(matches!(err, EmitterError::Bind { .. }), "{addr}: {err:?}");
+            let chain = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+            assert!(chain.contains(addr), "{chain}");
+        }
+    }
+
     /// The normal start-up order: the engine binds and starts emitting, the relay's SUB
     /// connects a little later. Nothing is lost in between: every counter from 0 arrives.
     #[test]
