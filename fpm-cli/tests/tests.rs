@@ -2104,6 +2104,44 @@ mod bench {
         assert!(md.starts_with("# fpm bench") && md.contains("Machine: ") && md.contains(row));
     }
 
+    /// `--peer floor`: the yardstick relay (a thread of the bench) delivers everything, its CPU
+    /// is measured, it has no RSS of its own, and ours is divided by it.
+    #[test]
+    fn the_floor_peer_delivers_everything_and_ours_is_divided_by_it() {
+        let o = Command::new(env!("CARGO_BIN_EXE_fpm"))
+            .args(["-q", "bench", "--rates", "2000", "--duration", "1s"])
+            .args(["--peer", "floor", "--repeat", "2", "--output-dir", "off"])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success(),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let rows = |prefix: &str| -> Vec<Vec<String>> {
+            stdout
+                .lines()
+                .filter(|l| l.starts_with(prefix))
+                .map(|l| l.split('|').map(|c| c.trim().to_owned()).collect())
+                .collect()
+        };
+        let (ours, floor) = (rows("| fpm |"), rows("| floor |"));
+        assert_eq!((ours.len(), floor.len()), (2, 2), "{stdout}");
+        for cells in ours.iter().chain(&floor) {
+            let sent: u64 = cells[2].parse().unwrap();
+            assert!(sent >= 1900, "{cells:?}");
+            assert_eq!(cells[3], cells[2], "delivered all: {cells:?}");
+            assert_eq!((&*cells[4], &*cells[5]), ("0", "0"), "{cells:?}");
+            let cpu: f64 = cells[10].parse().unwrap();
+            assert!(cpu > 0.0, "{cells:?}");
+        }
+        assert!(floor.iter().all(|c| c[11] == "-"), "no RSS of its own");
+        // One per round, and the summary's.
+        assert_eq!(rows("| fpm / floor |").len(), 3, "{stdout}");
+        assert!(stdout.contains("ratios to floor over 2 rounds"), "{stdout}");
+    }
+
     #[test]
     fn bad_rates_are_one_line_exit_1() {
         let o = Command::new(env!("CARGO_BIN_EXE_fpm"))

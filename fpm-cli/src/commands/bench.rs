@@ -1,6 +1,7 @@
 //! `fpm bench`: the real pipeline (our emitter → a relay process → a private nats-server →
 //! a subscriber) at fixed rates, one table per rate; with `--peer dynamo`, Dynamo 1.6.1's
-//! `FpmEventRelay` in place of ours in the same run, and the ratio.
+//! `FpmEventRelay` in place of ours in the same run, and the ratio; with `--peer floor`, a
+//! relay that does nothing but the kernel work every relay pays ([`floor`]), as a yardstick.
 //!
 //! Latency is from `submit` on the scheduler thread to receipt by the subscriber, paired by
 //! `counter_id`, on one clock (both ends live in this process), over the window's first
@@ -21,6 +22,8 @@ use fpm_emitter::{ClockChoice, Emitter, EmitterConfig, Endpoint, StreamHandle};
 use fpm_schema::{QueuedRequestMetrics, ScheduledRequestsBuilder};
 
 use super::parse_duration;
+
+mod floor;
 
 /// A rate to drive the pipeline at.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -57,6 +60,18 @@ fn parse_rate(s: &str) -> Result<BenchRate, String> {
 pub enum Peer {
     /// Dynamo 1.6.1's `FpmEventRelay` (ai-dynamo-runtime, from the contract venv).
     Dynamo,
+    /// The floor: a thread of the bench doing one blocking read and one write per message
+    /// (no validation, buffering, metrics or reconnects), the kernel work any relay pays.
+    Floor,
+}
+
+impl Peer {
+    fn name(self) -> &'static str {
+        match self {
+            Peer::Dynamo => "dynamo",
+            Peer::Floor => "floor",
+        }
+    }
 }
 
 /// Arguments of `fpm bench`.
@@ -71,14 +86,15 @@ pub struct BenchArgs {
     /// How long each rate is driven.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub duration: Duration,
-    /// Also run Dynamo's relay in place of ours, in the same run.
-    #[arg(long, value_enum)]
-    pub peer: Option<Peer>,
+    /// Also run these relays in place of ours, in the same run (comma-separated); ratios are
+    /// to Dynamo's when it runs, else to the first peer.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub peer: Vec<Peer>,
     /// Where the markdown results are written (`off` for nowhere).
     #[arg(long, default_value = "bench/results")]
     pub output_dir: PathBuf,
-    /// With --peer: drive each rate this many times per relay, the pairs alternating which
-    /// relay goes first, and add the median and range of the pairs' ratios (a noisy machine
+    /// With --peer: drive each rate this many times per relay, each round starting with a
+    /// different relay, and add the median and range of the rounds' ratios (a noisy machine
     /// moves single runs a lot).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub repeat: u32,
@@ -87,7 +103,7 @@ pub struct BenchArgs {
 /// One relay's figures at one rate.
 #[derive(Debug, Clone, Default)]
 pub struct Row {
-    /// `fpm` or `dynamo`.
+    /// `fpm`, `dynamo` or `floor`.
     pub relay: &'static str,
     /// Iterations submitted during the measured window.
     pub sent: u64,
@@ -103,7 +119,7 @@ pub struct Row {
     pub latency_us: [f64; 3],
     /// Relay CPU time per delivered message, microseconds.
     pub relay_cpu_us: f64,
-    /// Relay peak resident memory, MiB.
+    /// Relay peak resident memory, MiB (NaN for the floor, a thread of the bench).
     pub relay_rss_mib: f64,
     /// Subscriber CPU time per delivered message, microseconds.
     pub subscriber_cpu_us: f64,
@@ -126,6 +142,32 @@ impl Drop for Child {
         }
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// The relay under test: a process (ours, Dynamo's) or the floor, a thread of the bench.
+enum Relay {
+    Process(Child),
+    Floor(floor::FloorRelay),
+}
+
+impl Relay {
+    fn cpu(&self) -> CpuSnapshot {
+        match self {
+            Relay::Process(c) => process_cpu(c.0.id()),
+            Relay::Floor(f) => CpuSnapshot {
+                ticks_s: 0.0,
+                schedstat_s: f.cpu_ns() as f64 / 1e9,
+            },
+        }
+    }
+
+    /// Peak RSS of the process; NaN for the floor (its memory is the bench's).
+    fn peak_rss_mib(&self) -> f64 {
+        match self {
+            Relay::Process(c) => process_peak_rss_mib(c.0.id()),
+            Relay::Floor(_) => f64::NAN,
+        }
     }
 }
 
@@ -363,7 +405,8 @@ fn run_one(args: &BenchArgs, rate: BenchRate, peer: Option<Peer>, tmp: &Path) ->
         })?;
     let _nats = Child(nats_child);
     let nats_url = format!("nats://127.0.0.1:{port}");
-    let endpoint = format!("ipc://{}", dir.path().join("eng.0").display());
+    let ipc_path = dir.path().join("eng.0");
+    let endpoint = format!("ipc://{}", ipc_path.display());
     // The emitter binds first (Dynamo's relay does not pick up a PUB bound after it).
     let mut cfg = EmitterConfig::new(Endpoint::Exact(endpoint.clone()), "bench-worker", 0)
         .with_clock(ClockChoice::Cpu);
@@ -375,7 +418,7 @@ fn run_one(args: &BenchArgs, rate: BenchRate, peer: Option<Peer>, tmp: &Path) ->
         l.local_addr()?.to_string()
     };
     let relay = match peer {
-        None => Child(
+        None => Relay::Process(Child(
             Command::new(std::env::current_exe()?)
                 .args(["-q", "relay", "--zmq-endpoint", &endpoint])
                 .args(["--namespace", "bench", "--nats-url", &nats_url])
@@ -383,12 +426,26 @@ fn run_one(args: &BenchArgs, rate: BenchRate, peer: Option<Peer>, tmp: &Path) ->
                 .stdout(Stdio::null())
                 .spawn()
                 .context("cannot start the relay")?,
-        ),
+        )),
+        Some(Peer::Floor) => {
+            let subject = fpm_schema::FpmSubject::new(
+                fpm_schema::Scope::Endpoint,
+                "bench",
+                "backend",
+                "generate",
+            )?
+            .subject();
+            Relay::Floor(floor::FloorRelay::start(
+                &ipc_path,
+                &format!("127.0.0.1:{port}"),
+                &subject,
+            )?)
+        }
         Some(Peer::Dynamo) => {
             let py = python()?;
             let kv = dir.path().join("kv");
             std::fs::create_dir_all(&kv)?;
-            Child(
+            Relay::Process(Child(
                 Command::new(py)
                     .arg("interop/dynamo_peer.py")
                     .args([
@@ -405,10 +462,9 @@ fn run_one(args: &BenchArgs, rate: BenchRate, peer: Option<Peer>, tmp: &Path) ->
                     .stdout(Stdio::null())
                     .spawn()
                     .context("cannot start Dynamo's relay")?,
-            )
+            ))
         }
     };
-    let relay_pid = relay.0.id();
     // Warm up: until messages come through end to end.
     let warm = Instant::now();
     while sub.count.load(Ordering::Relaxed) < 20 {
@@ -424,7 +480,7 @@ fn run_one(args: &BenchArgs, rate: BenchRate, peer: Option<Peer>, tmp: &Path) ->
     let first = emitter.stats().submitted;
     let dropped_before = emitter.stats().dropped.total();
     let count_before = sub.count.load(Ordering::Relaxed);
-    let relay_cpu0 = process_cpu(relay_pid);
+    let relay_cpu0 = relay.cpu();
     let relay_counts0 = relay_counts(&metrics_addr, peer);
     let sub_cpu0 = thread_cpu_ns(&sub.schedstat);
     sub.window_first.store(first, Ordering::Relaxed);
@@ -461,12 +517,12 @@ fn run_one(args: &BenchArgs, rate: BenchRate, peer: Option<Peer>, tmp: &Path) ->
             still = Instant::now();
         }
     }
-    let relay_cpu = relay_cpu0.until(process_cpu(relay_pid));
+    let relay_cpu = relay_cpu0.until(relay.cpu());
     let lost_relay = match (relay_counts0, relay_counts(&metrics_addr, peer)) {
         (Some((r0, p0)), Some((r1, p1))) => Some((r1 - r0).saturating_sub(p1 - p0)),
         _ => None,
     };
-    let relay_rss = process_peak_rss_mib(relay_pid);
+    let relay_rss = relay.peak_rss_mib();
     let sub_cpu = thread_cpu_ns(&sub.schedstat).saturating_sub(sub_cpu0);
     let lost_emitter = emitter.stats().dropped.total() - dropped_before;
     let mut latencies: Vec<f64> = Vec::new();
@@ -491,7 +547,7 @@ fn run_one(args: &BenchArgs, rate: BenchRate, peer: Option<Peer>, tmp: &Path) ->
         }
     };
     Ok(Row {
-        relay: if peer.is_some() { "dynamo" } else { "fpm" },
+        relay: peer.map_or("fpm", Peer::name),
         sent,
         delivered,
         lost_emitter,
@@ -565,7 +621,7 @@ fn table(rate: BenchRate, rows: &[Row]) -> String {
     for r in rows {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.2} | {:.1} | {:.2} |",
+            "| {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.2} | {} | {:.2} |",
             r.relay,
             r.sent,
             r.delivered,
@@ -576,31 +632,47 @@ fn table(rate: BenchRate, rows: &[Row]) -> String {
             r.latency_us[1],
             r.latency_us[2],
             r.relay_cpu_us,
-            r.relay_rss_mib,
+            if r.relay_rss_mib.is_finite() {
+                format!("{:.1}", r.relay_rss_mib)
+            } else {
+                "-".into()
+            },
             r.subscriber_cpu_us
         );
     }
-    if let [ours, peer] = rows {
+    if let Some(reference) = reference(rows) {
         let q = |a: f64, b: f64| {
-            if b > 0.0 {
+            if b > 0.0 && a.is_finite() {
                 format!("{:.2}", a / b)
             } else {
                 "-".into()
             }
         };
-        let _ = writeln!(
-            s,
-            "| fpm / dynamo | | {} | | | | {} | {} | {} | {} | {} | {} |",
-            q(ours.delivered as f64, peer.delivered as f64),
-            q(ours.latency_us[0], peer.latency_us[0]),
-            q(ours.latency_us[1], peer.latency_us[1]),
-            q(ours.latency_us[2], peer.latency_us[2]),
-            q(ours.relay_cpu_us, peer.relay_cpu_us),
-            q(ours.relay_rss_mib, peer.relay_rss_mib),
-            q(ours.subscriber_cpu_us, peer.subscriber_cpu_us)
-        );
+        for r in rows.iter().filter(|r| r.relay != reference.relay) {
+            let _ = writeln!(
+                s,
+                "| {} / {} | | {} | | | | {} | {} | {} | {} | {} | {} |",
+                r.relay,
+                reference.relay,
+                q(r.delivered as f64, reference.delivered as f64),
+                q(r.latency_us[0], reference.latency_us[0]),
+                q(r.latency_us[1], reference.latency_us[1]),
+                q(r.latency_us[2], reference.latency_us[2]),
+                q(r.relay_cpu_us, reference.relay_cpu_us),
+                q(r.relay_rss_mib, reference.relay_rss_mib),
+                q(r.subscriber_cpu_us, reference.subscriber_cpu_us)
+            );
+        }
     }
     s
+}
+
+/// What the other rows are divided by: Dynamo's when it ran, else the first peer's; `None`
+/// with ours alone.
+fn reference(rows: &[Row]) -> Option<&Row> {
+    rows.iter()
+        .find(|r| r.relay == "dynamo")
+        .or_else(|| rows.iter().find(|r| r.relay != "fpm"))
 }
 
 fn machine() -> String {
@@ -748,18 +820,27 @@ fn upstream_comparisons(tmp: &Path) -> Result<String> {
     Ok(s)
 }
 
-/// Runs `fpm bench`.
-///
-/// # Errors
-/// A stage that cannot start, or results that cannot be written.
-/// The median and range of the fpm / dynamo ratios over repeated pairs.
-fn ratio_summary(rate: BenchRate, pairs: &[Vec<Row>]) -> String {
-    let stat = |f: &dyn Fn(&Row) -> f64| -> String {
-        let mut r: Vec<f64> = pairs
+/// The median and range, over repeated rounds, of each relay's ratios to the reference
+/// ([`reference`]): one table row per relay.
+fn ratio_summary(rate: BenchRate, rounds: &[Vec<Row>]) -> String {
+    let Some(reference) = rounds.first().and_then(|r| reference(r)).map(|r| r.relay) else {
+        return String::new();
+    };
+    let mut names: Vec<&'static str> = Vec::new();
+    for r in rounds.iter().flatten() {
+        if r.relay != reference && !names.contains(&r.relay) {
+            names.push(r.relay);
+        }
+    }
+    let stat = |name: &str, f: &dyn Fn(&Row) -> f64| -> String {
+        let mut r: Vec<f64> = rounds
             .iter()
-            .filter_map(|p| match p.as_slice() {
-                [ours, peer] if f(peer) > 0.0 => Some(f(ours) / f(peer)),
-                _ => None,
+            .filter_map(|round| {
+                let of = |n: &str| round.iter().find(|r| r.relay == n).map(f);
+                match (of(name), of(reference)) {
+                    (Some(a), Some(b)) if b > 0.0 && a.is_finite() => Some(a / b),
+                    _ => None,
+                }
             })
             .collect();
         if r.is_empty() {
@@ -777,26 +858,32 @@ fn ratio_summary(rate: BenchRate, pairs: &[Vec<Row>]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "\n### {rate}: fpm / dynamo over {} pairs, median (min–max)\n",
-        pairs.len()
+        "\n### {rate}: ratios to {reference} over {} rounds, median (min–max)\n",
+        rounds.len()
     );
     let _ = writeln!(
         s,
-        "| latency p50 | p99 | p99.9 | relay CPU per message | relay peak RSS |"
+        "| relay | latency p50 | p99 | p99.9 | relay CPU per message | relay peak RSS |"
     );
-    let _ = writeln!(s, "| ---: | ---: | ---: | ---: | ---: |");
-    let _ = writeln!(
-        s,
-        "| {} | {} | {} | {} | {} |",
-        stat(&|r| r.latency_us[0]),
-        stat(&|r| r.latency_us[1]),
-        stat(&|r| r.latency_us[2]),
-        stat(&|r| r.relay_cpu_us),
-        stat(&|r| r.relay_rss_mib)
-    );
+    let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: | ---: |");
+    for name in names {
+        let _ = writeln!(
+            s,
+            "| {name} / {reference} | {} | {} | {} | {} | {} |",
+            stat(name, &|r| r.latency_us[0]),
+            stat(name, &|r| r.latency_us[1]),
+            stat(name, &|r| r.latency_us[2]),
+            stat(name, &|r| r.relay_cpu_us),
+            stat(name, &|r| r.relay_rss_mib)
+        );
+    }
     s
 }
 
+/// Runs `fpm bench`.
+///
+/// # Errors
+/// A stage that cannot start, or results that cannot be written.
 pub fn run(args: BenchArgs) -> Result<()> {
     if args.duration.is_zero() {
         bail!("--duration must be positive");
@@ -807,35 +894,36 @@ pub fn run(args: BenchArgs) -> Result<()> {
         machine(),
         args.duration.as_secs_f64()
     );
+    let mut relays: Vec<Option<Peer>> = vec![None];
+    for &p in &args.peer {
+        if !relays.contains(&Some(p)) {
+            relays.push(Some(p));
+        }
+    }
     for &rate in &args.rates {
-        let mut pairs = Vec::new();
-        for i in 0..args.repeat {
-            let mut rows = Vec::new();
-            match args.peer {
-                // Odd pairs run the peer first, so drift on the machine favours neither.
-                Some(p) if i % 2 == 1 => {
-                    let peer = run_one(&args, rate, Some(p), tmp.path())?;
-                    rows.push(run_one(&args, rate, None, tmp.path())?);
-                    rows.push(peer);
-                }
-                Some(p) => {
-                    rows.push(run_one(&args, rate, None, tmp.path())?);
-                    rows.push(run_one(&args, rate, Some(p), tmp.path())?);
-                }
-                None => rows.push(run_one(&args, rate, None, tmp.path())?),
+        let mut rounds = Vec::new();
+        for i in 0..args.repeat as usize {
+            // Each round starts with the next relay, so drift on the machine favours none;
+            // the table keeps one order.
+            let mut rows: Vec<(usize, Row)> = Vec::new();
+            for k in 0..relays.len() {
+                let j = (i + k) % relays.len();
+                rows.push((j, run_one(&args, rate, relays[j], tmp.path())?));
             }
+            rows.sort_by_key(|(j, _)| *j);
+            let rows: Vec<Row> = rows.into_iter().map(|(_, r)| r).collect();
             let t = table(rate, &rows);
             print!("{t}");
             report.push_str(&t);
-            pairs.push(rows);
+            rounds.push(rows);
         }
-        if args.peer.is_some() && pairs.len() > 1 {
-            let t = ratio_summary(rate, &pairs);
+        if relays.len() > 1 && rounds.len() > 1 {
+            let t = ratio_summary(rate, &rounds);
             print!("{t}");
             report.push_str(&t);
         }
     }
-    if args.peer.is_some() {
+    if args.peer.contains(&Peer::Dynamo) {
         let t = upstream_comparisons(tmp.path())?;
         print!("{t}");
         report.push_str(&t);
@@ -870,21 +958,65 @@ mod tests {
         }
     }
 
+    fn floor(p50: f64, cpu: f64) -> Row {
+        Row {
+            relay_rss_mib: f64::NAN,
+            ..row("floor", p50, cpu)
+        }
+    }
+
     #[test]
-    fn the_summary_is_the_median_and_range_of_the_pair_ratios() {
-        let pairs = vec![
-            vec![row("fpm", 50.0, 10.0), row("dynamo", 100.0, 40.0)],
-            vec![row("fpm", 90.0, 30.0), row("dynamo", 100.0, 40.0)],
-            vec![row("fpm", 60.0, 20.0), row("dynamo", 100.0, 40.0)],
-            // A peer figure of zero (nothing measured) is left out, not divided by.
-            vec![row("fpm", 60.0, 20.0), row("dynamo", 0.0, 0.0)],
+    fn the_summary_is_the_median_and_range_of_the_round_ratios() {
+        let rounds = vec![
+            vec![
+                row("fpm", 50.0, 10.0),
+                row("dynamo", 100.0, 40.0),
+                floor(20.0, 4.0),
+            ],
+            vec![
+                row("fpm", 90.0, 30.0),
+                row("dynamo", 100.0, 40.0),
+                floor(40.0, 8.0),
+            ],
+            vec![
+                row("fpm", 60.0, 20.0),
+                row("dynamo", 100.0, 40.0),
+                floor(30.0, 12.0),
+            ],
+            // A reference figure of zero (nothing measured) is left out, not divided by.
+            vec![
+                row("fpm", 60.0, 20.0),
+                row("dynamo", 0.0, 0.0),
+                floor(1.0, 1.0),
+            ],
         ];
-        let s = ratio_summary(BenchRate::PerSecond(1000.0), &pairs);
-        assert!(s.contains("over 4 pairs"), "{s}");
+        let s = ratio_summary(BenchRate::PerSecond(1000.0), &rounds);
+        assert!(s.contains("ratios to dynamo over 4 rounds"), "{s}");
         // p50 ratios 0.5, 0.9, 0.6: median 0.6; CPU 0.25, 0.75, 0.5: median 0.5; RSS 1.0.
         assert!(
-            s.contains("| 0.60 (0.50–0.90) | 0.60 (0.50–0.90) | 0.60 (0.50–0.90) | 0.50 (0.25–0.75) | 1.00 (1.00–1.00) |"),
+            s.contains("| fpm / dynamo | 0.60 (0.50–0.90) | 0.60 (0.50–0.90) | 0.60 (0.50–0.90) | 0.50 (0.25–0.75) | 1.00 (1.00–1.00) |"),
             "{s}"
         );
+        // The floor has no RSS of its own: no ratio, rather than NaN.
+        assert!(
+            s.contains("| floor / dynamo | 0.30 (0.20–0.40) | 0.30 (0.20–0.40) | 0.30 (0.20–0.40) | 0.20 (0.10–0.30) | - |"),
+            "{s}"
+        );
+        // Without Dynamo the first peer is the reference.
+        let t = table(
+            BenchRate::PerSecond(1000.0),
+            &[row("fpm", 50.0, 10.0), floor(25.0, 5.0)],
+        );
+        assert!(
+            t.contains("| fpm / floor | | - | | | | 2.00 | 2.00 | 2.00 | 2.00 | - | - |"),
+            "{t}"
+        );
+        assert!(
+            t.contains("| floor | 0 | 0 | 0 | 0 | - | 25 | 50 | 100 | 5.00 | - | 0.00 |"),
+            "{t}"
+        );
+        // Ours alone: no ratio row.
+        let t = table(BenchRate::PerSecond(1000.0), &[row("fpm", 50.0, 10.0)]);
+        assert!(!t.contains(" / "), "{t}");
     }
 }
