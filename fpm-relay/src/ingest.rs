@@ -310,6 +310,9 @@ struct Input<'a> {
     counters: CounterTracker,
     /// Per-(dp_rank, worker_id) series of this endpoint, cached to keep the hot path lock-free.
     series: HashMap<i64, HashMap<String, Arc<InputSeries>>>,
+    /// The last message's (dp_rank, worker_id) and series: an engine sends one pair, so most
+    /// messages need no lookup at all.
+    last_series: Option<(i64, String, Arc<InputSeries>)>,
     log: LogLimiter,
     msg: ForwardPassMetrics,
     /// Payloads are copied here, densely, so what waits in the buffer holds no read buffer.
@@ -330,6 +333,7 @@ pub(crate) async fn run(index: usize, endpoint: String, cx: Arc<ReaderContext>) 
         cx: &cx,
         counters: CounterTracker::default(),
         series: HashMap::new(),
+        last_series: None,
         log: LogLimiter::default(),
         msg: ForwardPassMetrics::default(),
         arena: BytesMut::new(),
@@ -537,7 +541,13 @@ impl Input<'_> {
 
     fn series_for(&mut self) -> Arc<InputSeries> {
         let (worker_id, dp_rank) = (self.msg.worker_id.as_str(), self.msg.dp_rank);
+        if let Some((r, w, s)) = &self.last_series {
+            if *r == dp_rank && w == worker_id {
+                return s.clone();
+            }
+        }
         if let Some(s) = self.series.get(&dp_rank).and_then(|m| m.get(worker_id)) {
+            self.last_series = Some((dp_rank, worker_id.to_owned(), s.clone()));
             return s.clone();
         }
         let (s, cache) = self

@@ -208,6 +208,9 @@ async fn connect_options(cfg: &NatsConfig) -> Result<ConnectOptions, Error> {
     let last_log = Arc::new(Mutex::new(None));
     Ok(o.name(&cfg.name)
         .retry_on_initial_connect()
+        // The one subject the relay publishes on is checked at start (`FpmSubject::new`);
+        // the client need not scan it again per message.
+        .skip_subject_validation(true)
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(5))
         .reconnect_delay_callback(move |attempts| {

@@ -1,8 +1,10 @@
 //! The NATS side: one task takes messages from the buffer and publishes them, wrapped in
 //! Dynamo's envelope, while the connection is up.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::connection::State;
@@ -132,6 +134,15 @@ pub(crate) struct Forwarder<S> {
     pub panic_after: Option<u64>,
 }
 
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -155,8 +166,15 @@ impl<S: EventSink> Forwarder<S> {
         }
         .encode_into(&mut self.scratch);
         let body = crate::ingest::copy_into(&mut self.arena, &self.scratch);
-        let fut = self.sink.publish(self.subject.clone(), body);
-        match tokio::time::timeout(timeout, fut).await {
+        let mut fut = std::pin::pin!(self.sink.publish(self.subject.clone(), body));
+        // The client's queue almost always has room: only a publish that has to wait gets a
+        // timer (setting one up per message is measurable at low rates).
+        let first = std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await;
+        let outcome = match first {
+            Poll::Ready(r) => Ok(r),
+            Poll::Pending => tokio::time::timeout(timeout, fut).await,
+        };
+        match outcome {
             Ok(Ok(())) => {
                 self.sequence += 1;
                 self.metrics.published.inc();
@@ -186,6 +204,17 @@ impl<S: EventSink> Forwarder<S> {
 
     /// Publishes until `stop` fires.
     pub async fn run(&mut self, stop: &CancellationToken) {
+        // Waiting for the next message waits on the buffer alone (registering with the
+        // token too costs two lock round trips per message): `stop` wakes the buffer.
+        let buffer = self.buffer.clone();
+        let watch = stop.clone();
+        let _wake_on_stop = AbortOnDrop(
+            tokio::spawn(async move {
+                watch.cancelled().await;
+                buffer.notify.notify_one();
+            })
+            .abort_handle(),
+        );
         loop {
             if stop.is_cancelled() {
                 return;
@@ -200,11 +229,7 @@ impl<S: EventSink> Forwarder<S> {
                 continue;
             }
             let Some(item) = self.buffer.pop() else {
-                tokio::select! {
-                    biased;
-                    _ = stop.cancelled() => return,
-                    _ = self.buffer.notify.notified() => {}
-                }
+                self.buffer.notify.notified().await;
                 continue;
             };
             let t = self.publish_timeout;
