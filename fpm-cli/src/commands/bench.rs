@@ -6,8 +6,9 @@
 //! Latency is from `submit` on the scheduler thread to receipt by the subscriber, paired by
 //! `counter_id`, on one clock (both ends live in this process), over the window's first
 //! [`LATENCY_SAMPLES`] iterations. Relay CPU time (nanoseconds, summed over its threads'
-//! `schedstat`) and peak RSS come from `/proc/<pid>` of the relay process; the subscriber's CPU from its own thread's
-//! `/proc/self/task/<tid>/schedstat`.
+//! `schedstat`) and peak RSS come from `/proc/<pid>` of the relay process (for the floor, a
+//! thread of the bench: its threads' `schedstat`, and no RSS); the subscriber's CPU from its
+//! own thread's `/proc/self/task/<tid>/schedstat`.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
