@@ -2054,28 +2054,33 @@ mod demo {
 mod bench {
     use std::process::Command;
 
-    #[test]
-    fn a_short_bench_delivers_everything_and_writes_markdown() {
-        let out_dir = tempfile::tempdir().unwrap();
+    /// `fpm -q bench <args>`, which must succeed; its standard output.
+    fn bench_ok(args: &[&str]) -> String {
         let o = Command::new(env!("CARGO_BIN_EXE_fpm"))
-            .args([
-                "-q",
-                "bench",
-                "--rates",
-                "2000",
-                "--duration",
-                "1s",
-                "--output-dir",
-            ])
-            .arg(out_dir.path())
+            .args(["-q", "bench"])
+            .args(args)
             .output()
             .unwrap();
-        let stdout = String::from_utf8_lossy(&o.stdout);
+        let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
         assert!(
             o.status.success(),
             "{stdout}\n{}",
             String::from_utf8_lossy(&o.stderr)
         );
+        stdout
+    }
+
+    #[test]
+    fn a_short_bench_delivers_everything_and_writes_markdown() {
+        let out_dir = tempfile::tempdir().unwrap();
+        let stdout = bench_ok(&[
+            "--rates",
+            "2000",
+            "--duration",
+            "1s",
+            "--output-dir",
+            out_dir.path().to_str().unwrap(),
+        ]);
         let row = stdout
             .lines()
             .find(|l| l.starts_with("| fpm |"))
@@ -2108,17 +2113,18 @@ mod bench {
     /// is measured, it has no RSS of its own, and ours is divided by it.
     #[test]
     fn the_floor_peer_delivers_everything_and_ours_is_divided_by_it() {
-        let o = Command::new(env!("CARGO_BIN_EXE_fpm"))
-            .args(["-q", "bench", "--rates", "2000", "--duration", "1s"])
-            .args(["--peer", "floor", "--repeat", "2", "--output-dir", "off"])
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&o.stdout);
-        assert!(
-            o.status.success(),
-            "{stdout}\n{}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        let stdout = bench_ok(&[
+            "--rates",
+            "2000",
+            "--duration",
+            "1s",
+            "--peer",
+            "floor",
+            "--repeat",
+            "2",
+            "--output-dir",
+            "off",
+        ]);
         let rows = |prefix: &str| -> Vec<Vec<String>> {
             stdout
                 .lines()
