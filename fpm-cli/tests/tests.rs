@@ -2149,24 +2149,26 @@ mod bench {
     }
 
     #[test]
-    fn bad_rates_are_one_line_exit_1() {
-        let o = Command::new(env!("CARGO_BIN_EXE_fpm"))
-            .args(["bench", "--rates", "0,fast"])
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(1), "{err}");
-        assert_eq!(err.lines().count(), 1, "{err}");
-        assert!(err.contains("--rates"), "{err}");
-        for bad in ["0", "101", "x"] {
+    fn bad_bench_flags_are_one_line_exit_1() {
+        // A list with an unknown relay in it (or an empty item) is refused before anything
+        // starts, like a bad rate or repeat count.
+        for (flag, bad) in [
+            ("--rates", "0,fast"),
+            ("--repeat", "0"),
+            ("--repeat", "101"),
+            ("--repeat", "x"),
+            ("--peer", "nosuch"),
+            ("--peer", "floor,nosuch"),
+            ("--peer", "dynamo,"),
+        ] {
             let o = Command::new(env!("CARGO_BIN_EXE_fpm"))
-                .args(["bench", "--repeat", bad])
+                .args(["bench", flag, bad])
                 .output()
                 .unwrap();
             let err = String::from_utf8_lossy(&o.stderr);
             assert_eq!(o.status.code(), Some(1), "{bad}: {err}");
             assert_eq!(err.lines().count(), 1, "{bad}: {err}");
-            assert!(err.contains("--repeat"), "{bad}: {err}");
+            assert!(err.contains(flag), "{bad}: {err}");
         }
     }
 }
