@@ -420,7 +420,8 @@ impl ZmqTransport {
                 // Nothing unwritten (so the writer has nothing in flight): write it now, on
                 // this thread, and save the I/O thread a wake-up per message at low rates.
                 let n = if out.messages == 0 && out.pongs == 0 {
-                    write_now(p.fd, f)
+                    // An error shows on the writer task's next write.
+                    send_some(p.fd, f).unwrap_or(0)
                 } else {
                     0
                 };
@@ -583,12 +584,6 @@ async fn serve(listener: Listener, hub: Arc<Hub>, stop: Arc<tokio::sync::Notify>
         messages: unsent.len() as u64 - heartbeats,
         heartbeats,
     };
-}
-
-/// Writes what the kernel takes of `bytes` now, without blocking; how much it took (0 on
-/// any error: the writer task finds the error on its next write).
-fn write_now(fd: RawFd, bytes: &[u8]) -> usize {
-    send_some(fd, bytes).unwrap_or(0)
 }
 
 /// Reads and discards whatever input is waiting on the socket, without blocking.

@@ -134,15 +134,6 @@ pub(crate) struct Forwarder<S> {
     pub panic_after: Option<u64>,
 }
 
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -208,13 +199,10 @@ impl<S: EventSink> Forwarder<S> {
         // token too costs two lock round trips per message): `stop` wakes the buffer.
         let buffer = self.buffer.clone();
         let watch = stop.clone();
-        let _wake_on_stop = AbortOnDrop(
-            tokio::spawn(async move {
-                watch.cancelled().await;
-                buffer.notify.notify_one();
-            })
-            .abort_handle(),
-        );
+        let _wake_on_stop = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+            watch.cancelled().await;
+            buffer.notify.notify_one();
+        }));
         loop {
             if stop.is_cancelled() {
                 return;

@@ -26,6 +26,9 @@ use super::parse_duration;
 
 mod floor;
 
+/// The Dynamo namespace every relay in the bench publishes under (the subscriber's filter).
+const NAMESPACE: &str = "bench";
+
 /// A rate to drive the pipeline at.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum BenchRate {
@@ -317,7 +320,7 @@ impl SubscriberThread {
                     // Our subscriber as users run it: envelope and payload decoded, stream
                     // tracked.
                     let filter = fpm_subscriber::SubjectFilter::parse(
-                        "bench",
+                        NAMESPACE,
                         "*",
                         "*",
                         fpm_subscriber::ScopeFilter::Endpoint,
@@ -422,20 +425,18 @@ fn run_one(args: &BenchArgs, rate: BenchRate, peer: Option<Peer>, tmp: &Path) ->
         None => Relay::Process(Child(
             Command::new(std::env::current_exe()?)
                 .args(["-q", "relay", "--zmq-endpoint", &endpoint])
-                .args(["--namespace", "bench", "--nats-url", &nats_url])
+                .args(["--namespace", NAMESPACE, "--nats-url", &nats_url])
                 .args(["--metrics-addr", &metrics_addr])
                 .stdout(Stdio::null())
                 .spawn()
                 .context("cannot start the relay")?,
         )),
         Some(Peer::Floor) => {
-            let subject = fpm_schema::FpmSubject::new(
-                fpm_schema::Scope::Endpoint,
-                "bench",
-                "backend",
-                "generate",
-            )?
-            .subject();
+            // Where ours publishes: its defaults, in the bench's namespace.
+            let d = fpm_relay::RelayConfig::new(Vec::new());
+            let subject =
+                fpm_schema::FpmSubject::new(d.scope, NAMESPACE, &d.component, &d.endpoint)?
+                    .subject();
             Relay::Floor(floor::FloorRelay::start(
                 &ipc_path,
                 &format!("127.0.0.1:{port}"),
@@ -452,7 +453,7 @@ fn run_one(args: &BenchArgs, rate: BenchRate, peer: Option<Peer>, tmp: &Path) ->
                     .args([
                         "dynamo-relay-only",
                         "--namespace",
-                        "bench",
+                        NAMESPACE,
                         "--timeout",
                         "3600",
                     ])
@@ -642,13 +643,7 @@ fn table(rate: BenchRate, rows: &[Row]) -> String {
         );
     }
     if let Some(reference) = reference(rows) {
-        let q = |a: f64, b: f64| {
-            if b > 0.0 && a.is_finite() {
-                format!("{:.2}", a / b)
-            } else {
-                "-".into()
-            }
-        };
+        let q = |a: f64, b: f64| ratio(a, b).map_or("-".into(), |r| format!("{r:.2}"));
         for r in rows.iter().filter(|r| r.relay != reference.relay) {
             let _ = writeln!(
                 s,
@@ -666,6 +661,11 @@ fn table(rate: BenchRate, rows: &[Row]) -> String {
         }
     }
     s
+}
+
+/// `a / b` where both were measured (`b` above zero, `a` a number).
+fn ratio(a: f64, b: f64) -> Option<f64> {
+    (b > 0.0 && a.is_finite()).then(|| a / b)
 }
 
 /// What the other rows are divided by: Dynamo's when it ran, else the first peer's; `None`
@@ -838,10 +838,7 @@ fn ratio_summary(rate: BenchRate, rounds: &[Vec<Row>]) -> String {
             .iter()
             .filter_map(|round| {
                 let of = |n: &str| round.iter().find(|r| r.relay == n).map(f);
-                match (of(name), of(reference)) {
-                    (Some(a), Some(b)) if b > 0.0 && a.is_finite() => Some(a / b),
-                    _ => None,
-                }
+                ratio(of(name)?, of(reference)?)
             })
             .collect();
         if r.is_empty() {
